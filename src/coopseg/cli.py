@@ -1,0 +1,281 @@
+"""The ``coopseg`` command line: data, train, eval, predict, profile, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path, or the name of a config shipped with coopseg (``demo``)."""
+    path = Path(name)
+    if path.exists() or path.suffix:
+        return path
+    packaged = PACKAGED_CONFIGS / f"{name}.yaml"
+    return packaged if packaged.exists() else path
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=0.02 (repeatable; YAML values)",
+    )
+
+
+def _load(args: argparse.Namespace, config: str | None = None):
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "amp", None):
+        overrides.append(f"train.amp={args.amp}")
+    if getattr(args, "device", None):
+        overrides.append(f"device={args.device}")
+    return load_config(resolve_config_path(config or args.config), overrides)
+
+
+def cmd_data_fashionscenes(args: argparse.Namespace) -> int:
+    from .data import build_fashionscenes
+
+    root = build_fashionscenes(
+        Path(args.out) if args.out else None,
+        size=args.size,
+        train=args.train,
+        val=args.val,
+        seed=args.seed,
+        source=Path(args.source) if args.source else None,
+        force=args.force,
+    )
+    print(f"FashionScenes ready in {root}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .engine.train import train
+
+    cfg = _load(args)
+    result = train(cfg, resume=args.resume)
+    if result.last_metrics is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"done: {result.iteration} iterations, best val mIoU "
+            f"{100 * result.best_miou:.2f} at iteration {result.best_iteration}; "
+            f"run folder {result.run_dir}"
+        )
+    return 0
+
+
+def _eval_and_report(cfg, model, info, checkpoint: str, json_path: Path | None) -> dict:
+    from .data import build_datasets
+    from .engine.distributed import init_distributed
+    from .engine.evaluate import evaluate
+    from .engine.metrics import format_table
+    from .engine.train import amp_dtype, check_class_count
+
+    dist = init_distributed(cfg.device)
+    _, val_set = build_datasets(cfg.data)
+    check_class_count(cfg, val_set)
+    metrics = evaluate(
+        model.to(dist.device),
+        val_set,
+        val_set.num_classes,
+        dist=dist,
+        batch_size=cfg.data.val_batch_size,
+        scales=cfg.eval.scales,
+        flip=cfg.eval.flip,
+        amp_dtype=amp_dtype(cfg.train.amp, dist.device),
+        num_workers=cfg.data.num_workers,
+    )
+    report = {
+        "checkpoint": str(checkpoint),
+        "dataset": cfg.data.dataset,
+        "scales": cfg.eval.scales,
+        "flip": cfg.eval.flip,
+        **metrics.to_dict(val_set.class_names),
+    }
+    if dist.is_main:
+        title = f"{cfg.name}: {cfg.data.dataset} val ({len(val_set)} images)"
+        print(format_table(metrics, val_set.class_names, title=title))
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(report, indent=2))
+            print(f"metrics written to {json_path}")
+    return report
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .config import config_from_dict
+    from .engine.checkpoint import load_model
+
+    model, ckpt_cfg, info = load_model(args.checkpoint)
+    if args.config:
+        cfg = _load(args)
+        if cfg.model != ckpt_cfg.model:
+            from .config import ConfigError
+
+            raise ConfigError(
+                f"{args.config}: model section {cfg.model} does not match the checkpoint's "
+                f"{ckpt_cfg.model}"
+            )
+    else:
+        cfg = config_from_dict(ckpt_cfg.to_dict(), args.overrides)
+    if args.scales:
+        cfg.eval.scales = list(args.scales)
+    if args.flip:
+        cfg.eval.flip = True
+    json_path = Path(args.json) if args.json else Path(args.checkpoint).parent / "eval.json"
+    _eval_and_report(cfg, model, info, args.checkpoint, json_path)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .engine.predict import predict_files
+
+    written = predict_files(
+        args.checkpoint,
+        args.inputs,
+        args.out,
+        device=args.device or "auto",
+        scales=args.scales or [1.0],
+        flip=args.flip,
+    )
+    print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .config import config_from_dict, model_kwargs
+    from .engine.profile import profile_model
+    from .models import create_model
+
+    if args.config:
+        cfg = _load(args)
+    else:
+        model = {"arch": args.arch, "backbone": args.backbone, "num_classes": args.num_classes}
+        if args.output_stride:
+            model["output_stride"] = args.output_stride
+        cfg = config_from_dict({"model": model}, args.overrides)
+    arch, kwargs = model_kwargs(cfg.model)
+    kwargs["pretrained"] = False
+    model = create_model(arch, **kwargs)
+    height, width = args.input_size
+    result = profile_model(
+        model, (height, width), batch=args.batch, device=args.device, latency=not args.no_latency
+    )
+    result = {"arch": arch, "backbone": kwargs.get("backbone"), **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{arch} ({kwargs.get('backbone')}), input 3x{height}x{width}")
+        print(f"  parameters: {result['params_m']:.2f} M")
+        print(f"  GMACs:      {result['gmacs']:.2f}  (multiply-accumulates, the papers' GFLOPs)")
+        if "latency_ms" in result:
+            print(f"  latency:    {result['latency_ms']:.1f} ms (batch {args.batch}, median)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out_dir, args.overrides)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coopseg", description="Cooperative learning for semantic segmentation."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build or check data sets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    fs = data_sub.add_parser("fashionscenes", help="build the embedded FashionScenes data set")
+    fs.add_argument("--out", help="output folder (default: ~/.cache/coopseg/fashionscenes/...)")
+    fs.add_argument("--size", type=int, default=128, help="canvas side in pixels")
+    fs.add_argument("--train", type=int, default=2000, help="training scenes")
+    fs.add_argument("--val", type=int, default=250, help="validation scenes")
+    fs.add_argument("--seed", type=int, default=0)
+    fs.add_argument("--source", help="folder with the four Fashion-MNIST *-idx?-ubyte.gz files")
+    fs.add_argument("--force", action="store_true", help="rebuild even if cached")
+    fs.set_defaults(func=cmd_data_fashionscenes)
+
+    tr = sub.add_parser("train", help="train a model from a YAML config")
+    tr.add_argument("config", help="YAML file, or the name of a packaged config (demo)")
+    _add_set(tr)
+    tr.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt")
+    tr.add_argument(
+        "--amp",
+        nargs="?",
+        const="auto",
+        choices=["auto", "bf16", "fp16", "none"],
+        help="mixed precision (bare --amp: bf16, or fp16 on GPUs without bf16)",
+    )
+    tr.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on the validation set")
+    ev.add_argument("config", nargs="?", help="YAML config (default: the checkpoint's own)")
+    ev.add_argument("--checkpoint", required=True, help=".safetensors or .pt checkpoint")
+    _add_set(ev)
+    ev.add_argument("--scales", type=float, nargs="+", help="multi-scale inference, e.g. 0.5 1 2")
+    ev.add_argument("--flip", action="store_true", help="average with horizontally flipped input")
+    ev.add_argument("--json", help="where to write the metrics JSON (default: beside checkpoint)")
+    ev.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    ev.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="segment image files with a trained checkpoint")
+    pr.add_argument("inputs", nargs="+", help="image files or folders")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("--scales", type=float, nargs="+")
+    pr.add_argument("--flip", action="store_true")
+    pr.add_argument("--device")
+    pr.set_defaults(func=cmd_predict)
+
+    pf = sub.add_parser("profile", help="parameters, GMACs and latency of a model")
+    pf.add_argument("config", nargs="?", help="YAML config (or give --arch/--backbone)")
+    pf.add_argument("--arch", default="deeplabv3plus")
+    pf.add_argument("--backbone", default="resnet101")
+    pf.add_argument("--num-classes", type=int, default=21)
+    pf.add_argument("--output-stride", type=int)
+    pf.add_argument("--input-size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
+    pf.add_argument("--batch", type=int, default=1, help="batch size for the latency")
+    pf.add_argument("--device", default="cpu")
+    pf.add_argument("--no-latency", action="store_true", help="skip the timing runs")
+    pf.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_set(pf)
+    pf.set_defaults(func=cmd_profile)
+
+    de = sub.add_parser("demo", help="build FashionScenes, train, evaluate and draw (~5 min)")
+    de.add_argument("--out-dir", default="runs", help="where the run folder goes")
+    _add_set(de)
+    de.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .data.base import DataError
+    from .engine.checkpoint import CheckpointError
+    from .engine.train import TrainingError
+    from .models.backbones import PretrainedWeightsError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, CheckpointError, TrainingError, PretrainedWeightsError) as err:
+        print(f"coopseg: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

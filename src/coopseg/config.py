@@ -1,0 +1,256 @@
+"""Experiment configuration: YAML files checked against a typed schema.
+
+Every key a config may hold is a field below; an unknown key or a value of the
+wrong type is an error naming the dotted key (and the file), because a typo that
+is silently ignored costs a whole training run. The ``model`` section is checked
+against the signature of the architecture it names instead, so each architecture
+documents its own options once, in its constructor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names it."""
+
+
+@dataclass
+class DataConfig:
+    """Which data set, where it lives, and how batches are made."""
+
+    dataset: str = "fashionscenes"
+    root: str | None = None  # data set folder; fashionscenes: its cache folder
+    source: str | None = None  # fashionscenes: folder with the Fashion-MNIST IDX files
+    scene_size: int = 128  # fashionscenes: canvas side in pixels
+    train_scenes: int = 2000  # fashionscenes: number of training scenes
+    val_scenes: int = 250  # fashionscenes: number of validation scenes
+    scene_seed: int = 0  # fashionscenes: seed of the scene generator
+    batch_size: int = 8  # global batch (split across DDP processes)
+    val_batch_size: int = 16
+    num_workers: int = 0
+    crop_size: list[int] = field(default_factory=lambda: [128, 128])  # [height, width]
+    scale_range: list[float] = field(default_factory=lambda: [0.75, 1.5])
+    hflip: bool = True
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: SGD + poly lr, iteration based."""
+
+    iterations: int = 1000
+    optimizer: str = "sgd"  # sgd (the papers') | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    poly_power: float = 0.9
+    aux_weights: dict[str, float] = field(default_factory=dict)
+    amp: str = "none"  # none | bf16 | fp16 | auto
+    channels_last: bool = False
+    val_interval: int = 200  # 0: validate only at the end
+    checkpoint_interval: int = 200
+    log_interval: int = 10
+    max_time_s: float = 0.0  # stop (and checkpoint) after this many seconds; 0 = no limit
+
+
+@dataclass
+class EvalConfig:
+    """Inference protocol used by validation and ``coopseg eval``."""
+
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+
+
+@dataclass
+class Config:
+    """One experiment. ``model`` holds ``arch`` plus that architecture's arguments."""
+
+    name: str = "experiment"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out_dir: str = "runs"
+    model: dict[str, Any] = field(
+        default_factory=lambda: {"arch": "deeplabv3plus", "backbone": "resnet18"}
+    )
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(hint)
+        return {str(k): _check_type(v, item, f"{key}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key {where}{unknown[0]!s}; keys allowed here: {sorted(names)}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key)
+        else:
+            kwargs[name] = _check_type(value, hint, key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "model":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["train.lr=0.02", "model.backbone=resnet50"]`` -> nested dict (YAML values)."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} must look like key.sub=value")
+        key, raw = pair.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {pair!r}: bad key {key!r}")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {pair!r} conflicts with another override")
+        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    return nested
+
+
+def _set_model_overrides(model: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(model)
+    out.update(overrides)
+    return out
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Build and validate a :class:`Config` from a plain mapping plus ``--set`` overrides."""
+    raw = dict(raw or {})
+    over = parse_overrides(overrides or [])
+    model_over = over.pop("model", None)
+    raw = _merge(raw, over)
+    if model_over is not None:
+        base_model = raw.get("model", Config().model)
+        raw["model"] = _set_model_overrides(base_model, model_over)
+    cfg = _build(Config, raw, "")
+    check_model_section(cfg.model)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    try:
+        return config_from_dict(raw, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def check_model_section(model: dict[str, Any]) -> None:
+    """The ``model`` keys must be arguments of the architecture's constructor."""
+    from .models import ARCHITECTURES
+
+    arch = model.get("arch")
+    if arch not in ARCHITECTURES:
+        raise ConfigError(
+            f"model.arch: unknown architecture {arch!r}; one of {sorted(ARCHITECTURES)}"
+        )
+    params = inspect.signature(ARCHITECTURES[arch].__init__).parameters
+    allowed = {n for n in params if n != "self"} | {"arch", "freeze_bn"}
+    unknown = sorted(set(model) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key model.{unknown[0]} for architecture {arch}; "
+            f"allowed: {sorted(allowed)}"
+        )
+
+
+def model_kwargs(model: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Split the model section into ``(arch, kwargs for create_model)``."""
+    kwargs = dict(model)
+    return kwargs.pop("arch"), kwargs

@@ -1,0 +1,346 @@
+"""The training loop: SGD + poly lr, AMP, DDP, periodic validation, atomic resume.
+
+A run lives in ``<out_dir>/<name>/``: ``config.yaml``, ``log.jsonl``, ``tb/``
+(TensorBoard), ``checkpoints/last.pt`` (everything needed to resume) and
+``checkpoints/best.safetensors`` (weights + config of the best validation mIoU).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..config import Config, ConfigError, TrainConfig, model_kwargs
+from ..data import SeededAugmentation, SegmentationDataset, build_datasets
+from ..data.sampling import TrainBatchSampler
+from ..models import create_model
+from .checkpoint import (
+    load_training_state,
+    rng_state,
+    save_training_state,
+    save_weights,
+    set_rng_state,
+)
+from .distributed import DistInfo, all_reduce_sum, init_distributed
+from .evaluate import autocast_context, evaluate
+from .logging import RunLogger
+from .loss import SegmentationLoss
+from .metrics import SegMetrics
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss diverged); the message says what to try."""
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """``train.amp`` -> autocast dtype (None: full precision)."""
+    if amp == "none":
+        return None
+    if amp == "auto":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("train.amp: fp16 autocast needs CUDA; use bf16 on the CPU")
+        return torch.float16
+    raise ConfigError(f"train.amp: expected none, auto, bf16 or fp16, got {amp!r}")
+
+
+def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (the papers' choice) or AdamW (faster from random init)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov
+        )
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    raise ConfigError(f"train.optimizer: expected sgd or adamw, got {t.optimizer!r}")
+
+
+def poly_lambda(iterations: int, power: float):
+    return lambda it: max(0.0, 1.0 - it / iterations) ** power
+
+
+def check_class_count(cfg: Config, dataset: SegmentationDataset) -> None:
+    expected = cfg.model.get("num_classes")
+    if expected != dataset.num_classes:
+        raise ConfigError(
+            f"model.num_classes is {expected} but data set {cfg.data.dataset!r} has "
+            f"{dataset.num_classes} classes ({', '.join(dataset.class_names)})"
+        )
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    iteration: int
+    best_miou: float
+    best_iteration: int
+    last_metrics: SegMetrics | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def dataset_info(dataset: SegmentationDataset) -> dict[str, Any]:
+    return {
+        "class_names": list(dataset.class_names),
+        "palette": [list(map(int, c)) for c in dataset.palette],
+        "ignore_index": dataset.ignore_index,
+    }
+
+
+class Trainer:
+    """Builds everything a run needs from a :class:`Config` and trains it."""
+
+    def __init__(self, cfg: Config, *, resume: bool = False, show_progress: bool = True) -> None:
+        self.cfg = cfg
+        self.dist: DistInfo = init_distributed(cfg.device)
+        self.device = self.dist.device
+        self.run_dir = cfg.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.show_progress = show_progress and self.dist.is_main
+        torch.manual_seed(cfg.seed)
+
+        self.train_set, self.val_set = build_datasets(cfg.data)
+        check_class_count(cfg, self.train_set)
+        self.info = dataset_info(self.train_set)
+
+        arch, kwargs = model_kwargs(cfg.model)
+        model = create_model(arch, **kwargs).to(self.device)
+        aux = dict(getattr(model, "default_aux_weights", {}))
+        aux.update(cfg.train.aux_weights)
+        self.channels_last = cfg.train.channels_last
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.dist.distributed and self.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
+        self.ddp_model: nn.Module = (
+            DistributedDataParallel(
+                model, device_ids=[self.device] if self.device.type == "cuda" else None
+            )
+            if self.dist.distributed
+            else model
+        )
+        self.criterion = SegmentationLoss(aux, world_size=self.dist.world_size)
+        t = cfg.train
+        self.optimizer = build_optimizer(model, t)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, poly_lambda(t.iterations, t.poly_power)
+        )
+        self.amp_dtype = amp_dtype(t.amp, self.device)
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.amp_dtype == torch.float16
+        )
+        self.iteration = 0
+        self.best_miou = -1.0
+        self.best_iteration = 0
+        self.history: list[dict[str, Any]] = []
+        if resume:
+            self._restore(load_training_state(self.ckpt_dir / "last.pt"))
+        elif (self.ckpt_dir / "last.pt").exists():
+            raise TrainingError(
+                f"{self.run_dir} already holds a run; pass --resume to continue it, "
+                "or choose another name (--set name=...) or out_dir"
+            )
+
+    # -- state -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "iteration": self.iteration,
+            "best_miou": self.best_miou,
+            "best_iteration": self.best_iteration,
+            "history": self.history,
+            "rng": rng_state(),
+            "config": self.cfg.to_dict(),
+            "info": self.info,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        saved_model = state["config"]["model"]
+        if saved_model != self.cfg.model:
+            raise TrainingError(
+                f"cannot resume {self.ckpt_dir / 'last.pt'}: its model section {saved_model} "
+                f"differs from the config's {self.cfg.model}"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.iteration = state["iteration"]
+        self.best_miou = state["best_miou"]
+        self.best_iteration = state["best_iteration"]
+        self.history = state.get("history", [])
+        set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> None:
+        if self.dist.is_main:
+            save_training_state(self.ckpt_dir / "last.pt", self.state_dict())
+
+    # -- loop --------------------------------------------------------------------
+    def _loader(self) -> DataLoader:
+        sampler = TrainBatchSampler(
+            len(self.train_set),
+            self.cfg.data.batch_size,
+            seed=self.cfg.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            start_iteration=self.iteration,
+        )
+        workers = self.cfg.data.num_workers
+        return DataLoader(
+            SeededAugmentation(self.train_set),
+            batch_sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+            generator=torch.Generator(),  # keep the global RNG untouched (resume equality)
+        )
+
+    def validate(self) -> SegMetrics:
+        return evaluate(
+            self.model,
+            self.val_set,
+            self.train_set.num_classes,
+            dist=self.dist,
+            batch_size=self.cfg.data.val_batch_size,
+            scales=self.cfg.eval.scales,
+            flip=self.cfg.eval.flip,
+            amp_dtype=self.amp_dtype,
+            num_workers=self.cfg.data.num_workers,
+            channels_last=self.channels_last,
+        )
+
+    def step(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+        images = images.to(self.device, non_blocking=True)
+        masks = masks.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast_context(self.device, self.amp_dtype):
+            outputs = self.ddp_model(images)
+        loss, parts = self.criterion(outputs, masks)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.iteration += 1
+        return {"loss": loss.detach(), **{f"loss_{k}": v for k, v in parts.items()}}
+
+    def train(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.train
+        logger = RunLogger(self.run_dir, enabled=self.dist.is_main)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        last_metrics: SegMetrics | None = None
+        start_iter, start_time = self.iteration, time.perf_counter()
+        bar = tqdm(
+            total=t.iterations,
+            initial=self.iteration,
+            disable=not self.show_progress,
+            dynamic_ncols=True,
+            desc=cfg.name,
+        )
+        loader_iter = iter(self._loader())
+        try:
+            while self.iteration < t.iterations:
+                images, masks = next(loader_iter)
+                values = self.step(images, masks)
+                it = self.iteration
+                if it % t.log_interval == 0 or it == t.iterations:
+                    reduced = {
+                        k: float(all_reduce_sum(v.clone()) / self.dist.world_size)
+                        for k, v in values.items()
+                    }
+                    if not math.isfinite(reduced["loss"]):
+                        raise TrainingError(
+                            f"loss became {reduced['loss']} at iteration {it}; lower train.lr "
+                            "or turn off train.amp. The last checkpoint is kept."
+                        )
+                    elapsed = time.perf_counter() - start_time
+                    ips = (it - start_iter) * cfg.data.batch_size / max(elapsed, 1e-9)
+                    lr = self.scheduler.get_last_lr()[0]
+                    logger.log(it, "train", {**reduced, "lr": lr, "img_per_s": ips})
+                    bar.set_postfix(loss=f"{reduced['loss']:.3f}", lr=f"{lr:.2e}", ips=f"{ips:.1f}")
+                bar.update(1)
+                out_of_time = t.max_time_s > 0 and time.perf_counter() - start_time > t.max_time_s
+                if out_of_time:  # every rank agrees: rank 0's clock decides
+                    flag = torch.tensor([1.0 if self.dist.is_main else 0.0], device=self.device)
+                    out_of_time = bool(all_reduce_sum(flag).item() > 0)
+                finished = it == t.iterations or out_of_time
+                if (t.val_interval and it % t.val_interval == 0) or finished:
+                    last_metrics = self.validate()
+                    record = {
+                        "miou": last_metrics.miou,
+                        "pixel_acc": last_metrics.pixel_acc,
+                        "mean_acc": last_metrics.mean_acc,
+                    }
+                    logger.log(it, "val", record)
+                    self.history.append({"iteration": it, **record})
+                    if last_metrics.miou > self.best_miou:
+                        self.best_miou, self.best_iteration = last_metrics.miou, it
+                        if self.dist.is_main:
+                            save_weights(
+                                self.ckpt_dir / "best.safetensors",
+                                self.model,
+                                cfg,
+                                {**self.info, "iteration": it, "miou": last_metrics.miou},
+                            )
+                    bar.write(
+                        f"[{cfg.name}] iteration {it}: val mIoU {100 * last_metrics.miou:.2f}"
+                    )
+                if finished or (t.checkpoint_interval and it % t.checkpoint_interval == 0):
+                    self.save_checkpoint()
+                if out_of_time:
+                    bar.write(
+                        f"[{cfg.name}] train.max_time_s={t.max_time_s} reached at "
+                        f"iteration {it}; stopping (resumable with --resume)"
+                    )
+                    break
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            bar.write(
+                f"[{cfg.name}] interrupted at iteration {self.iteration}; checkpoint "
+                f"saved to {self.ckpt_dir / 'last.pt'}; continue with --resume"
+            )
+            raise
+        finally:
+            bar.close()
+            logger.close()
+        if self.dist.is_main:
+            save_weights(
+                self.ckpt_dir / "final.safetensors",
+                self.model,
+                cfg,
+                {**self.info, "iteration": self.iteration},
+            )
+        return TrainResult(
+            self.run_dir,
+            self.iteration,
+            self.best_miou,
+            self.best_iteration,
+            last_metrics,
+            self.history,
+        )
+
+
+def train(cfg: Config, *, resume: bool = False, show_progress: bool = True) -> TrainResult:
+    """Train ``cfg``; with ``resume`` continue from ``<run_dir>/checkpoints/last.pt``."""
+    return Trainer(cfg, resume=resume, show_progress=show_progress).train()

@@ -1,0 +1,45 @@
+"""Model construction: one small table from architecture name to class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timm.layers import freeze_batch_norm_2d
+
+from .backbones import PretrainedWeightsError, create_backbone
+from .deeplabv3plus import DeepLabV3Plus
+from .taps import TapInfo, TappedNetwork, run_taps
+
+ARCHITECTURES: dict[str, type[TappedNetwork]] = {
+    "deeplabv3plus": DeepLabV3Plus,
+}
+
+
+def create_model(name: str, *, freeze_bn: bool = False, **kwargs: Any) -> TappedNetwork:
+    """Build architecture ``name`` (see ``ARCHITECTURES``) as a plain ``nn.Module``.
+
+    ``freeze_bn=True`` turns every batch norm into timm's ``FrozenBatchNorm2d``
+    (running statistics, fixed affine), so samples in a batch never interact.
+    """
+    try:
+        cls = ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown architecture {name!r}; available: {sorted(ARCHITECTURES)}"
+        ) from None
+    model = cls(**kwargs)
+    if freeze_bn:
+        model = freeze_batch_norm_2d(model)
+    return model
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "DeepLabV3Plus",
+    "PretrainedWeightsError",
+    "TapInfo",
+    "TappedNetwork",
+    "create_backbone",
+    "create_model",
+    "run_taps",
+]

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny FashionScenes build and tiny configs, so the suite stays fast."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from coopseg.config import Config, config_from_dict
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64x64 FashionScenes, 48 train / 16 val scenes, built once per session."""
+    from coopseg.data import build_fashionscenes
+
+    root = tmp_path_factory.mktemp("fashionscenes")
+    return build_fashionscenes(root, size=64, train=48, val=16, seed=0)
+
+
+def tiny_config(root: Path, out_dir: Path, **sections: Any) -> Config:
+    """A config small enough to train a few iterations in seconds on 2 cores."""
+    raw: dict[str, Any] = {
+        "name": "tiny",
+        "out_dir": str(out_dir),
+        "device": "cpu",
+        "model": {
+            "arch": "deeplabv3plus",
+            "backbone": "resnet18",
+            "num_classes": 11,
+            "aspp_channels": 32,
+            "decoder_channels": 32,
+            "low_level_channels": 16,
+        },
+        "data": {
+            "root": str(root),
+            "scene_size": 64,
+            "train_scenes": 48,
+            "val_scenes": 16,
+            "batch_size": 4,
+            "val_batch_size": 8,
+            "crop_size": [48, 48],
+        },
+        "train": {"iterations": 6, "val_interval": 3, "checkpoint_interval": 3, "log_interval": 1},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            raw[key] = {**raw.get(key, {}), **value}
+        else:
+            raw[key] = value
+    return config_from_dict(raw)
+
+
+@pytest.fixture
+def make_config(tiny_scenes: Path, tmp_path: Path):
+    def factory(**sections: Any) -> Config:
+        return tiny_config(tiny_scenes, tmp_path / "runs", **sections)
+
+    return factory
