@@ -72,49 +72,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_and_report(cfg, model, info, checkpoint: str, json_path: Path | None) -> dict:
-    from .data import build_datasets
-    from .engine.distributed import init_distributed
-    from .engine.evaluate import evaluate
-    from .engine.metrics import format_table
-    from .engine.train import amp_dtype, check_class_count
-
-    dist = init_distributed(cfg.device)
-    _, val_set = build_datasets(cfg.data)
-    check_class_count(cfg, val_set)
-    metrics = evaluate(
-        model.to(dist.device),
-        val_set,
-        val_set.num_classes,
-        dist=dist,
-        batch_size=cfg.data.val_batch_size,
-        scales=cfg.eval.scales,
-        flip=cfg.eval.flip,
-        amp_dtype=amp_dtype(cfg.train.amp, dist.device),
-        num_workers=cfg.data.num_workers,
-    )
-    report = {
-        "checkpoint": str(checkpoint),
-        "dataset": cfg.data.dataset,
-        "scales": cfg.eval.scales,
-        "flip": cfg.eval.flip,
-        **metrics.to_dict(val_set.class_names),
-    }
-    if dist.is_main:
-        title = f"{cfg.name}: {cfg.data.dataset} val ({len(val_set)} images)"
-        print(format_table(metrics, val_set.class_names, title=title))
-        if json_path is not None:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(report, indent=2))
-            print(f"metrics written to {json_path}")
-    return report
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from .config import config_from_dict
     from .engine.checkpoint import load_model
 
-    model, ckpt_cfg, info = load_model(args.checkpoint)
+    model, ckpt_cfg, _ = load_model(args.checkpoint)
     if args.config:
         cfg = _load(args)
         if cfg.model != ckpt_cfg.model:
@@ -131,7 +93,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.flip:
         cfg.eval.flip = True
     json_path = Path(args.json) if args.json else Path(args.checkpoint).parent / "eval.json"
-    _eval_and_report(cfg, model, info, args.checkpoint, json_path)
+    from .engine.evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(cfg, model, args.checkpoint, json_path)
     return 0
 
 

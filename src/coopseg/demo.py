@@ -18,7 +18,7 @@ DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 def run_demo(out_dir: str = "runs", overrides: list[str] | None = None, grid_rows: int = 6) -> dict:
     """Train the demo config, evaluate its best checkpoint, draw a grid; return the metrics."""
-    from .cli import _eval_and_report
+    from .engine.evaluate import evaluate_checkpoint
     from .engine.train import train
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -27,7 +27,7 @@ def run_demo(out_dir: str = "runs", overrides: list[str] | None = None, grid_row
     result = train(cfg)
     best = result.run_dir / "checkpoints" / "best.safetensors"
     model, _, info = load_model(best)
-    report = _eval_and_report(cfg, model, info, str(best), result.run_dir / "metrics.json")
+    report = evaluate_checkpoint(cfg, model, best, result.run_dir / "metrics.json")
 
     from .data import build_datasets
 

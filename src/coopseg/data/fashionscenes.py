@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 import zipfile
 from functools import lru_cache
@@ -26,6 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
+from ..fileio import atomic_write
 from .base import IGNORE_INDEX, DataError, SegmentationDataset, Transform
 from .fashion_mnist import DEFAULT_SOURCE, FASHION_CLASSES, check_source, load_fashion_mnist
 
@@ -250,21 +250,6 @@ def default_root(size: int = 128, train: int = 2000, val: int = 250, seed: int =
     return base / "fashionscenes" / name
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a temp file in the same folder, so a killed build never leaves a half file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache may be shared read-only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _corrupt(path: Path, why: str) -> DataError:
     return DataError(
         f"{path}: cached FashionScenes file is corrupt ({why}); delete it (or its folder) "
@@ -353,7 +338,7 @@ def build_fashionscenes(
     root.mkdir(parents=True, exist_ok=True)
     (root / "meta.json").unlink(missing_ok=True)  # the cache is invalid until meta is back
     for split, arrays in splits.items():
-        _atomic_write(root / f"{split}.npz", lambda f, a=arrays: np.savez(f, **a))
+        atomic_write(root / f"{split}.npz", lambda f, a=arrays: np.savez(f, **a))
     meta = {
         "dataset": "fashionscenes",
         "version": GENERATOR_VERSION,
@@ -375,7 +360,7 @@ def build_fashionscenes(
         "build_seconds": round(time.perf_counter() - start, 3),
     }
     text = json.dumps(meta, indent=2) + "\n"
-    _atomic_write(root / "meta.json", lambda f: f.write(text.encode()))
+    atomic_write(root / "meta.json", lambda f: f.write(text.encode()))
     return root
 
 

@@ -7,39 +7,22 @@ with ``os.replace``, so a crash mid-write never leaves a truncated checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ..config import Config, config_from_dict, model_kwargs
+from ..fileio import atomic_write
 from ..models import TappedNetwork, create_model
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or does not fit; the message names the file."""
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def rng_state() -> dict[str, Any]:
@@ -62,7 +45,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_training_state(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda fh: torch.save(state, fh))
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
@@ -82,7 +65,7 @@ def save_weights(
     metadata = {"config": json.dumps(cfg.to_dict())}
     for key, value in (info or {}).items():
         metadata[key] = json.dumps(value)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda fh: fh.write(save(tensors, metadata=metadata)))
 
 
 def load_model(

@@ -2,17 +2,48 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..config import Config, ConfigError
+from ..data import SegmentationDataset, build_datasets
 from ..data.sampling import shard_indices
-from .distributed import DistInfo
-from .metrics import ConfusionMatrix, SegMetrics
+from .distributed import DistInfo, init_distributed
+from .metrics import ConfusionMatrix, SegMetrics, format_table
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """``train.amp`` -> autocast dtype (None: full precision)."""
+    if amp == "none":
+        return None
+    if amp == "auto":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("train.amp: fp16 autocast needs CUDA; use bf16 on the CPU")
+        return torch.float16
+    raise ConfigError(f"train.amp: expected none, auto, bf16 or fp16, got {amp!r}")
+
+
+def check_class_count(cfg: Config, dataset: SegmentationDataset) -> None:
+    expected = cfg.model.get("num_classes")
+    if expected != dataset.num_classes:
+        raise ConfigError(
+            f"model.num_classes is {expected} but data set {cfg.data.dataset!r} has "
+            f"{dataset.num_classes} classes ({', '.join(dataset.class_names)})"
+        )
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -98,3 +129,38 @@ def evaluate(
     cm.all_reduce()
     model.train(was_training)
     return cm.compute()
+
+
+def evaluate_checkpoint(
+    cfg: Config, model: nn.Module, checkpoint: str | Path, json_path: Path | None = None
+) -> dict[str, Any]:
+    """Evaluate ``model`` on the validation set of ``cfg``; print the table, write JSON."""
+    dist = init_distributed(cfg.device)
+    _, val_set = build_datasets(cfg.data)
+    check_class_count(cfg, val_set)
+    metrics = evaluate(
+        model.to(dist.device),
+        val_set,
+        val_set.num_classes,
+        dist=dist,
+        batch_size=cfg.data.val_batch_size,
+        scales=cfg.eval.scales,
+        flip=cfg.eval.flip,
+        amp_dtype=amp_dtype(cfg.train.amp, dist.device),
+        num_workers=cfg.data.num_workers,
+    )
+    report = {
+        "checkpoint": str(checkpoint),
+        "dataset": cfg.data.dataset,
+        "scales": cfg.eval.scales,
+        "flip": cfg.eval.flip,
+        **metrics.to_dict(val_set.class_names),
+    }
+    if dist.is_main:
+        title = f"{cfg.name}: {cfg.data.dataset} val ({len(val_set)} images)"
+        print(format_table(metrics, val_set.class_names, title=title))
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(report, indent=2))
+            print(f"metrics written to {json_path}")
+    return report

@@ -8,6 +8,7 @@ A run lives in ``<out_dir>/<name>/``: ``config.yaml``, ``log.jsonl``, ``tb/``
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .distributed import DistInfo, all_reduce_sum, init_distributed
-from .evaluate import autocast_context, evaluate
+from .evaluate import amp_dtype, autocast_context, check_class_count, evaluate
 from .logging import RunLogger
 from .loss import SegmentationLoss
 from .metrics import SegMetrics
@@ -39,23 +40,6 @@ from .metrics import SegMetrics
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss diverged); the message says what to try."""
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """``train.amp`` -> autocast dtype (None: full precision)."""
-    if amp == "none":
-        return None
-    if amp == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("train.amp: fp16 autocast needs CUDA; use bf16 on the CPU")
-        return torch.float16
-    raise ConfigError(f"train.amp: expected none, auto, bf16 or fp16, got {amp!r}")
 
 
 def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
@@ -72,15 +56,6 @@ def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
 
 def poly_lambda(iterations: int, power: float):
     return lambda it: max(0.0, 1.0 - it / iterations) ** power
-
-
-def check_class_count(cfg: Config, dataset: SegmentationDataset) -> None:
-    expected = cfg.model.get("num_classes")
-    if expected != dataset.num_classes:
-        raise ConfigError(
-            f"model.num_classes is {expected} but data set {cfg.data.dataset!r} has "
-            f"{dataset.num_classes} classes ({', '.join(dataset.class_names)})"
-        )
 
 
 @dataclass
@@ -257,6 +232,7 @@ class Trainer:
             disable=not self.show_progress,
             dynamic_ncols=True,
             desc=cfg.name,
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,  # keep log files short
         )
         loader_iter = iter(self._loader())
         try:
@@ -278,11 +254,17 @@ class Trainer:
                     ips = (it - start_iter) * cfg.data.batch_size / max(elapsed, 1e-9)
                     lr = self.scheduler.get_last_lr()[0]
                     logger.log(it, "train", {**reduced, "lr": lr, "img_per_s": ips})
-                    bar.set_postfix(loss=f"{reduced['loss']:.3f}", lr=f"{lr:.2e}", ips=f"{ips:.1f}")
+                    bar.set_postfix(
+                        loss=f"{reduced['loss']:.3f}",
+                        lr=f"{lr:.2e}",
+                        ips=f"{ips:.1f}",
+                        refresh=False,
+                    )
                 bar.update(1)
-                out_of_time = t.max_time_s > 0 and time.perf_counter() - start_time > t.max_time_s
-                if out_of_time:  # every rank agrees: rank 0's clock decides
-                    flag = torch.tensor([1.0 if self.dist.is_main else 0.0], device=self.device)
+                out_of_time = False
+                if t.max_time_s > 0:  # every rank takes part; rank 0's clock decides
+                    late = self.dist.is_main and time.perf_counter() - start_time > t.max_time_s
+                    flag = torch.tensor([float(late)], device=self.device)
                     out_of_time = bool(all_reduce_sum(flag).item() > 0)
                 finished = it == t.iterations or out_of_time
                 if (t.val_interval and it % t.val_interval == 0) or finished:
