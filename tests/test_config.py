@@ -39,6 +39,13 @@ def test_unknown_keys_are_named(tmp_path) -> None:
         config_from_dict({"model": {"arch": "unet3"}})
 
 
+def test_values_outside_their_choices_are_named() -> None:
+    with pytest.raises(ConfigError, match="train.amp: expected one of"):
+        config_from_dict({"train": {"amp": "half"}})
+    with pytest.raises(ConfigError, match="train.optimizer: expected one of .*'adam'"):
+        config_from_dict({}, ["train.optimizer=adam"])
+
+
 def test_bad_yaml_and_missing_file_are_named(tmp_path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")

@@ -213,7 +213,22 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) ->
         raw["model"] = _set_model_overrides(base_model, model_over)
     cfg = _build(Config, raw, "")
     check_model_section(cfg.model)
+    _check_choices(cfg)
     return cfg
+
+
+CHOICES = {
+    "train.amp": ("none", "auto", "bf16", "fp16"),
+    "train.optimizer": ("sgd", "adamw"),
+}
+
+
+def _check_choices(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
