@@ -8,14 +8,14 @@ import os
 import sys
 from pathlib import Path
 
-PACKAGED_CONFIGS = Path(__file__).parent / "configs"
-
 
 def resolve_config_path(name: str) -> Path:
     """A path, or the name of a config shipped with coopseg (``demo``)."""
     path = Path(name)
     if path.exists() or path.suffix:
         return path
+    from .config import PACKAGED_CONFIGS
+
     packaged = PACKAGED_CONFIGS / f"{name}.yaml"
     return packaged if packaged.exists() else path
 

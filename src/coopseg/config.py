@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"  # the YAMLs shipped with coopseg
+
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names it."""

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import load_config
+from .config import PACKAGED_CONFIGS, load_config
 from .engine.checkpoint import load_model
 from .engine.evaluate import predict_probs
 from .visualize import save_grid
 
-DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+DEMO_CONFIG = PACKAGED_CONFIGS / "demo.yaml"
 
 
 def run_demo(out_dir: str = "runs", overrides: list[str] | None = None, grid_rows: int = 6) -> dict:
@@ -29,9 +28,9 @@ def run_demo(out_dir: str = "runs", overrides: list[str] | None = None, grid_row
     model, _, info = load_model(best)
     report = evaluate_checkpoint(cfg, model, best, result.run_dir / "metrics.json")
 
-    from .data import build_datasets
+    from .data import build_dataset
 
-    _, val_set = build_datasets(cfg.data)
+    val_set = build_dataset(cfg.data, "val")
     images, targets, preds = [], [], []
     mean = torch.tensor(cfg.data.mean).view(3, 1, 1)
     std = torch.tensor(cfg.data.std).view(3, 1, 1)

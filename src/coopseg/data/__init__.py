@@ -12,10 +12,14 @@ from .transforms import SeededAugmentation, eval_transform, train_transform
 DATASETS = ("fashionscenes",)
 
 
-def build_datasets(cfg: DataConfig) -> tuple[SegmentationDataset, SegmentationDataset]:
-    """The training set (augmented) and the validation set (normalised only)."""
-    train_tf = train_transform(cfg.crop_size, cfg.scale_range, cfg.hflip, cfg.mean, cfg.std)
-    val_tf = eval_transform(cfg.mean, cfg.std)
+def build_dataset(cfg: DataConfig, split: str) -> SegmentationDataset:
+    """One split: ``"train"`` (augmented) or ``"val"`` (normalised only)."""
+    if split == "train":
+        transform = train_transform(cfg.crop_size, cfg.scale_range, cfg.hflip, cfg.mean, cfg.std)
+    elif split == "val":
+        transform = eval_transform(cfg.mean, cfg.std)
+    else:
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if cfg.dataset == "fashionscenes":
         root = build_fashionscenes(
             Path(cfg.root) if cfg.root else None,
@@ -25,8 +29,13 @@ def build_datasets(cfg: DataConfig) -> tuple[SegmentationDataset, SegmentationDa
             seed=cfg.scene_seed,
             source=Path(cfg.source) if cfg.source else None,
         )
-        return FashionScenes(root, "train", train_tf), FashionScenes(root, "val", val_tf)
+        return FashionScenes(root, split, transform)
     raise ConfigError(f"data.dataset: unknown data set {cfg.dataset!r}; one of {list(DATASETS)}")
+
+
+def build_datasets(cfg: DataConfig) -> tuple[SegmentationDataset, SegmentationDataset]:
+    """The training and validation sets."""
+    return build_dataset(cfg, "train"), build_dataset(cfg, "val")
 
 
 __all__ = [
@@ -36,6 +45,7 @@ __all__ = [
     "FashionScenes",
     "SeededAugmentation",
     "SegmentationDataset",
+    "build_dataset",
     "build_datasets",
     "build_fashionscenes",
     "check_pair",

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import Config, ConfigError
-from ..data import SegmentationDataset, build_datasets
+from ..data import SegmentationDataset, build_dataset
 from ..data.sampling import shard_indices
 from .distributed import DistInfo, init_distributed
 from .metrics import ConfusionMatrix, SegMetrics, format_table
@@ -136,7 +136,7 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Evaluate ``model`` on the validation set of ``cfg``; print the table, write JSON."""
     dist = init_distributed(cfg.device)
-    _, val_set = build_datasets(cfg.data)
+    val_set = build_dataset(cfg.data, "val")
     check_class_count(cfg, val_set)
     metrics = evaluate(
         model.to(dist.device),
