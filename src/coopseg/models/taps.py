@@ -22,10 +22,14 @@ TapStream = Generator[tuple[str, torch.Tensor], torch.Tensor, dict[str, torch.Te
 
 @dataclass(frozen=True)
 class TapInfo:
-    """What flows through a tap: channel count and stride relative to the input."""
+    """What flows through a tap: channel count, stride relative to the input, and
+    the stream it belongs to (e.g. DANet's ``"position"``/``"channel"``; ``None`` for
+    taps outside any stream). Cooperative links never join taps of different streams.
+    """
 
     channels: int
     stride: int
+    group: str | None = None
 
 
 def run_taps(
