@@ -1,0 +1,148 @@
+"""Cooperative models: links widen receivers, carry gradients, fuse outputs, and train."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coopseg.config import ConfigError, config_from_dict
+from coopseg.models import create_model
+from coopseg.models.cooperative import Link, LinkAggregator
+
+MEMBER = {
+    "arch": "deeplabv3plus",
+    "backbone": "resnet18",
+    "aspp_channels": 16,
+    "decoder_channels": 16,
+    "low_level_channels": 8,
+    "dropout": 0.0,
+}
+
+
+def coop(preset: str, k: int = 2, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model("cooperative", members=[MEMBER] * k, preset=preset, num_classes=3, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def image() -> torch.Tensor:
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def test_receiving_layers_widen_by_the_senders_channels() -> None:
+    model = coop("oneway-same")
+    top, bottom = model.members["top"], model.members["bottom"]
+    # Top is untouched; bottom's consumers see their own width plus the sender's.
+    assert top.aspp.project[0][0].in_channels == 5 * 16
+    assert bottom.aspp.project[0][0].in_channels == 2 * 5 * 16
+    assert top.decoder.conv1[0].in_channels == 16 + 8
+    assert bottom.decoder.conv1[0].in_channels == 2 * (16 + 8)
+    assert bottom.decoder.conv2[0].in_channels == 32
+    assert bottom.classifier.in_channels == 32
+    # Same-layer links skip the backbone output: the ASPP branches keep their input.
+    assert bottom.aspp.branches[0][0].in_channels == top.aspp.branches[0][0].in_channels
+    # Cross widens both members, including the backbone output (connection 1).
+    cross = coop("cross")
+    for member in cross.members.values():
+        assert member.aspp.branches[0][0].in_channels == 2 * 512
+        assert member.decoder.conv1[0].in_channels == 2 * (16 + 8)
+    no_c1 = coop("cross", connection1=False, connection2=False)
+    member = no_c1.members["top"]
+    assert member.aspp.branches[0][0].in_channels == 512
+    assert member.decoder.conv1[0].in_channels == 16 + 2 * 8  # only decoder.low is shared
+
+
+def test_gradients_reach_the_sender_unless_detached(image) -> None:
+    for detach, expect_grad in ((False, True), (True, False)):
+        model = coop("oneway-same", detach=detach).train()
+        out = model(image)
+        out["bottom.out"].square().mean().backward()  # the bottom member's loss only
+        top_grads = [p.grad for p in model.members["top"].parameters()]
+        reached = any(g is not None and g.abs().sum() > 0 for g in top_grads)
+        assert reached is expect_grad
+        bottom_grads = [p.grad for p in model.members["bottom"].parameters()]
+        assert all(g is not None for g in bottom_grads)
+
+
+def test_one_way_top_does_not_depend_on_bottom_weights(image) -> None:
+    model = coop("oneway-multiple").eval()
+    before = model(image)
+    with torch.no_grad():
+        for p in model.members["bottom"].parameters():
+            p.add_(torch.randn_like(p))
+    after = model(image)
+    torch.testing.assert_close(before["top.out"], after["top.out"], rtol=0, atol=0)
+    assert not torch.allclose(before["bottom.out"], after["bottom.out"])
+
+
+def test_cross_without_links_equals_independent_networks(image) -> None:
+    model = coop("cross-no-paths").eval()
+    for name, member in model.members.items():
+        kwargs = {k: v for k, v in MEMBER.items() if k != "arch"}
+        alone = create_model("deeplabv3plus", num_classes=3, **kwargs)
+        alone.load_state_dict(member.state_dict())
+        alone.eval()
+        torch.testing.assert_close(model(image)[f"{name}.out"], alone(image)["out"])
+    cross = coop("cross")
+    assert len(cross.links) > 0 and len(model.links) == 0
+
+
+def test_ensemble_prediction_is_the_members_mean_probability(image) -> None:
+    model = coop("ensemble").eval()
+    out = model(image)
+    members = torch.stack([out["top.out"].softmax(1), out["bottom.out"].softmax(1)])
+    torch.testing.assert_close(out["out"].softmax(1), members.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["out"].exp(), members.mean(0), rtol=1e-5, atol=1e-6)
+    assert torch.equal(out["out"].argmax(1), members.sum(0).argmax(1))
+
+
+def test_three_members_cross(image) -> None:
+    model = coop("cross", k=3)
+    assert model.member_names == ["net0", "net1", "net2"]
+    member = model.members["net1"]
+    assert member.decoder.conv2[0].in_channels == 3 * 16  # its own map plus two partners
+    out = model.train()(image)
+    assert sorted(out) == ["net0.out", "net1.out", "net2.out"]
+    sum(v.mean() for v in out.values()).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_multiple_layer_link_reduces_like_concat_then_1x1() -> None:
+    torch.manual_seed(0)
+    agg = LinkAggregator([4, 6], reduce=5).eval()
+    a, b = torch.randn(1, 4, 8, 8), torch.randn(1, 6, 4, 4)
+    size = torch.Size([8, 8])
+    fast = agg([a, b], size)
+    up = torch.nn.functional.interpolate(b, size=size, mode="bilinear", align_corners=False)
+    weight = torch.cat([agg.project[0].weight, agg.project[1].weight], 1)
+    slow = agg.norm(torch.nn.functional.conv2d(torch.cat([a, up], 1), weight))
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    model = coop("oneway-multiple")
+    (link,) = model.links
+    assert link.target == "bottom.decoder.conv2" and link.reduce == 16
+    assert len(link.sources) == len(model.members["top"].tap_info)
+    assert model.members["bottom"].classifier.in_channels == 2 * 16
+
+
+def test_bad_links_are_refused_with_names() -> None:
+    with pytest.raises(ValueError, match="has no tap 'asp'"):
+        coop("custom", links=[{"from": "top.asp", "to": "bottom.aspp"}])
+    with pytest.raises(ValueError, match="no member 'left'"):
+        coop("custom", links=[{"from": "left.aspp", "to": "bottom.aspp"}])
+    cycle = [
+        {"from": "top.decoder.conv2", "to": "bottom.backbone"},
+        {"from": "bottom.decoder.conv2", "to": "top.backbone"},
+    ]
+    with pytest.raises(ValueError, match="cycle"):
+        coop("custom", links=cycle)
+    with pytest.raises(ValueError, match="unknown link key"):
+        Link.from_spec({"from": "a.b", "to": "c.d", "detatch": True})
+
+
+def test_config_checks_member_sections() -> None:
+    raw = {"model": {"arch": "cooperative", "num_classes": 3, "members": [{**MEMBER, "bakbone": 1}]}}
+    with pytest.raises(ConfigError, match=r"model\.members\[0\]\.bakbone"):
+        config_from_dict(raw)
+    raw = {"model": {"arch": "cooperative", "members": [MEMBER], "preset": "cross", "links": [1]}}
+    with pytest.raises(ConfigError, match=r"model\.links\[0\]"):
+        config_from_dict(raw)
