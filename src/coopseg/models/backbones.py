@@ -155,3 +155,46 @@ def feature_index(backbone: nn.Module, reduction: int) -> int:
     if not matches:
         raise ValueError(f"backbone has no feature map at stride {reduction} (has {reductions})")
     return matches[-1]
+
+
+def resolve_encoder(
+    encoder: str | nn.Module,
+    *,
+    pretrained: PretrainedArg = False,
+    output_stride: int = 32,
+) -> nn.Module:
+    """An encoder from a timm model name (via ``create_backbone``) or a ready-made module.
+
+    The encoder protocol that every architecture relies on, and that a timm
+    ``features_only`` model already follows:
+
+    - ``encoder(x)`` returns a list (or tuple) of feature maps, ordered shallow to deep;
+    - ``encoder.feature_info.channels()`` and ``encoder.feature_info.reduction()`` each
+      return one integer per map: its channel count and its stride w.r.t. the input.
+
+    A module (e.g. JointSeg's shared encoder) is used as is: it owns its weights, so
+    ``pretrained`` must be false, and ``output_stride`` is not applied to it. Its
+    ``feature_info`` is checked here so a malformed encoder fails at construction.
+    """
+    if isinstance(encoder, str):
+        return create_backbone(encoder, output_stride=output_stride, pretrained=pretrained)
+    if not isinstance(encoder, nn.Module):
+        raise TypeError(f"encoder must be a timm model name or an nn.Module, got {encoder!r}")
+    if pretrained:
+        raise ValueError(
+            "pretrained applies to timm encoder names only; a module encoder brings its "
+            "own weights (load them into it before passing it)"
+        )
+    info = getattr(encoder, "feature_info", None)
+    if not all(callable(getattr(info, method, None)) for method in ("channels", "reduction")):
+        raise TypeError(
+            f"{type(encoder).__name__} is not an encoder: it needs a timm-style feature_info "
+            "with .channels() and .reduction() (one int per returned feature map)"
+        )
+    channels, reductions = list(info.channels()), list(info.reduction())
+    if not channels or len(channels) != len(reductions):
+        raise ValueError(
+            f"{type(encoder).__name__}.feature_info: channels {channels} and reductions "
+            f"{reductions} must be non-empty and of equal length"
+        )
+    return encoder
