@@ -140,7 +140,9 @@ def test_bad_links_are_refused_with_names() -> None:
 
 
 def test_config_checks_member_sections() -> None:
-    raw = {"model": {"arch": "cooperative", "num_classes": 3, "members": [{**MEMBER, "bakbone": 1}]}}
+    raw = {
+        "model": {"arch": "cooperative", "num_classes": 3, "members": [{**MEMBER, "bakbone": 1}]}
+    }
     with pytest.raises(ConfigError, match=r"model\.members\[0\]\.bakbone"):
         config_from_dict(raw)
     raw = {"model": {"arch": "cooperative", "members": [MEMBER], "preset": "cross", "links": [1]}}

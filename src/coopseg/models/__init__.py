@@ -5,17 +5,28 @@ from __future__ import annotations
 from typing import Any
 
 from timm.layers import freeze_batch_norm_2d
+from torch import nn
 
 from .backbones import PretrainedWeightsError, create_backbone
+from .cooperative import CooperativeNet, Link
+from .danet import DANet
 from .deeplabv3plus import DeepLabV3Plus
+from .dfdam import DFDAM
+from .fcn import FCN8s
 from .taps import TapInfo, TappedNetwork, run_taps
+from .unet import UNet
 
-ARCHITECTURES: dict[str, type[TappedNetwork]] = {
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "cooperative": CooperativeNet,
+    "danet": DANet,
     "deeplabv3plus": DeepLabV3Plus,
+    "dfdam": DFDAM,
+    "fcn8s": FCN8s,
+    "unet": UNet,
 }
 
 
-def create_model(name: str, *, freeze_bn: bool = False, **kwargs: Any) -> TappedNetwork:
+def create_model(name: str, *, freeze_bn: bool = False, **kwargs: Any) -> nn.Module:
     """Build architecture ``name`` (see ``ARCHITECTURES``) as a plain ``nn.Module``.
 
     ``freeze_bn=True`` turns every batch norm into timm's ``FrozenBatchNorm2d``
@@ -35,10 +46,16 @@ def create_model(name: str, *, freeze_bn: bool = False, **kwargs: Any) -> Tapped
 
 __all__ = [
     "ARCHITECTURES",
+    "DFDAM",
+    "CooperativeNet",
+    "DANet",
     "DeepLabV3Plus",
+    "FCN8s",
+    "Link",
     "PretrainedWeightsError",
     "TapInfo",
     "TappedNetwork",
+    "UNet",
     "create_backbone",
     "create_model",
     "run_taps",

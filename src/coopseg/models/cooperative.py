@@ -32,13 +32,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .taps import TapInfo, TappedNetwork, TapStream
+from .taps import TapInfo, TapStream
 
 PRESETS = (
     "single",
@@ -129,12 +130,12 @@ def preset_links(
 
     links: list[Link] = []
     if preset == "oneway-same":
-        for src, dst in zip(names, names[1:], strict=False):
+        for src, dst in pairwise(names):
             links += [
                 Link((f"{src}.{t}",), f"{dst}.{t}") for t in common(src, dst) if t != "backbone"
             ]
     elif preset == "oneway-multiple":
-        for src, dst in zip(names, names[1:], strict=False):
+        for src, dst in pairwise(names):
             groups: dict[str | None, str] = {}
             for tap, info in taps[dst].items():
                 groups[info.group] = tap  # last tap of each group wins
@@ -241,9 +242,7 @@ class CooperativeNet(nn.Module):
                 probe = create_model(spec["arch"], **{**_kwargs(spec), "pretrained": False})
             taps[name] = dict(probe.tap_info)
         all_links = preset_links(preset, taps, connection1=connection1, connection2=connection2)
-        all_links += [
-            Link.from_spec(s, f"model.links[{i}]") for i, s in enumerate(links or [])
-        ]
+        all_links += [Link.from_spec(s, f"model.links[{i}]") for i, s in enumerate(links or [])]
         if detach:
             all_links = [Link(k.sources, k.target, True, k.reduce) for k in all_links]
         self.links = all_links
@@ -384,7 +383,9 @@ class CooperativeNet(nn.Module):
         return self._outputs(results)
 
     def _outputs(self, results: Mapping[str, Mapping[str, torch.Tensor]]) -> dict:
-        out = {f"{name}.{key}": value for name, res in results.items() for key, value in res.items()}
+        out = {
+            f"{name}.{key}": value for name, res in results.items() for key, value in res.items()
+        }
         if self.training:
             return out
         if len(results) == 1:

@@ -1,0 +1,1 @@
+"""Experiments in miniature: the papers' comparisons on FashionScenes (``coopseg bench``)."""
