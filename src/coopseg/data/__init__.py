@@ -5,15 +5,46 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import ConfigError, DataConfig
-from .base import IGNORE_INDEX, DataError, SegmentationDataset, check_pair
+from .base import IGNORE_INDEX, DataError, SegmentationDataset, Transform, check_pair
 from .fashionscenes import FashionScenes, build_fashionscenes
+from .files import resolve_root
 from .transforms import SeededAugmentation, eval_transform, train_transform
 
-DATASETS = ("fashionscenes",)
+DATASETS = ("fashionscenes", "cityscapes", "voc", "folder")
+
+
+def open_dataset(
+    cfg: DataConfig, split: str, transform: Transform | None = None, strict: bool = True
+) -> SegmentationDataset:
+    """Split ``split`` (a name such as ``train_aug``) of a file data set, untransformed
+    unless ``transform`` is given.
+
+    Opening lists the files and resolves split lists (no image is read): with
+    ``strict`` a broken layout raises one :class:`DataError` naming the files.
+    """
+    if cfg.dataset == "cityscapes":
+        from .cityscapes import ENV_VAR, Cityscapes
+
+        root, _ = resolve_root(cfg.root, "cityscapes", ENV_VAR)
+        return Cityscapes(root, split, transform, strict=strict)
+    if cfg.dataset == "voc":
+        from .voc import VOCSegmentation
+
+        root, _ = resolve_root(cfg.root, "voc")
+        return VOCSegmentation(root, split, transform, cfg.voc_sbd_root, strict=strict)
+    if cfg.dataset == "folder":
+        from .folder import FolderDataset
+
+        root, _ = resolve_root(cfg.root, "folder")
+        return FolderDataset(
+            root, split, transform, cfg.classes_file, cfg.val_ratio, cfg.split_seed, strict
+        )
+    raise ConfigError(f"data.dataset: unknown data set {cfg.dataset!r}; one of {list(DATASETS)}")
 
 
 def build_dataset(cfg: DataConfig, split: str) -> SegmentationDataset:
-    """One split: ``"train"`` (augmented) or ``"val"`` (normalised only)."""
+    """One split: ``"train"`` (augmented; ``data.train_split``) or ``"val"`` (full-size
+    images, normalised only; ``data.val_split``)."""
     if split == "train":
         transform = train_transform(cfg.crop_size, cfg.scale_range, cfg.hflip, cfg.mean, cfg.std)
     elif split == "val":
@@ -30,7 +61,7 @@ def build_dataset(cfg: DataConfig, split: str) -> SegmentationDataset:
             source=Path(cfg.source) if cfg.source else None,
         )
         return FashionScenes(root, split, transform)
-    raise ConfigError(f"data.dataset: unknown data set {cfg.dataset!r}; one of {list(DATASETS)}")
+    return open_dataset(cfg, cfg.train_split if split == "train" else cfg.val_split, transform)
 
 
 def build_datasets(cfg: DataConfig) -> tuple[SegmentationDataset, SegmentationDataset]:
@@ -50,5 +81,6 @@ __all__ = [
     "build_fashionscenes",
     "check_pair",
     "eval_transform",
+    "open_dataset",
     "train_transform",
 ]

@@ -9,6 +9,7 @@ reported by name instead of surfacing later as a silently wrong metric.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +22,16 @@ Transform = Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[torch.Tensor, to
 
 
 class DataError(ValueError):
-    """Bad input data: the message names the file (or sample) and the problem."""
+    """Bad input data: the message names the file (or sample) and the problem.
+
+    ``kind`` sorts problems for ``coopseg data check``: ``missing_pair``,
+    ``unreadable``, ``bad_format``, ``size_mismatch``, ``bad_label``, ``bad_list``
+    or ``invalid`` (anything else).
+    """
+
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class SegmentationDataset(Dataset):
@@ -54,6 +64,22 @@ class SegmentationDataset(Dataset):
         """How to name sample ``index`` in an error message (a file path, usually)."""
         return f"{type(self).__name__} sample {index}"
 
+    def sample_name(self, index: int) -> str:
+        """A file-name-safe name of sample ``index`` (its file stem, usually)."""
+        return f"{index:06d}"
+
+    def save_prediction(self, index: int, pred: np.ndarray, out_dir: Path) -> Path:
+        """Write the predicted class indices of sample ``index`` as a palette PNG.
+
+        Named ``<sample_name>.png`` so predictions line up with the inputs; data sets
+        with an official result format (Cityscapes) override this.
+        """
+        from .files import save_index_png
+
+        path = Path(out_dir) / f"{self.sample_name(index)}.png"
+        save_index_png(path, pred, self.palette)
+        return path
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.load(index)
         check_pair(image, mask, self.num_classes, self.ignore_index, self.describe(index))
@@ -71,18 +97,47 @@ def check_pair(
 ) -> None:
     """Raise :class:`DataError` naming ``name`` if the image/mask pair is unusable."""
     if image.ndim != 3 or image.shape[2] != 3:
-        raise DataError(f"{name}: image must be RGB (H, W, 3), got shape {tuple(image.shape)}")
+        raise DataError(
+            f"{name}: image must be RGB (H, W, 3), got shape {tuple(image.shape)}", "bad_format"
+        )
     if mask.ndim != 2:
-        raise DataError(f"{name}: mask must be one channel (H, W), got shape {tuple(mask.shape)}")
+        raise DataError(
+            f"{name}: mask must be one channel (H, W), got shape {tuple(mask.shape)}", "bad_format"
+        )
     if image.shape[:2] != mask.shape:
         raise DataError(
             f"{name}: mask size {mask.shape[1]}x{mask.shape[0]} differs from image size "
-            f"{image.shape[1]}x{image.shape[0]} (width x height)"
+            f"{image.shape[1]}x{image.shape[0]} (width x height)",
+            "size_mismatch",
         )
     values = np.unique(mask)
     bad = values[(values < 0) | ((values >= num_classes) & (values != ignore_index))]
     if bad.size:
         raise DataError(
             f"{name}: label values {bad.tolist()[:10]} are outside [0, {num_classes}) "
-            f"and not the ignore index {ignore_index}"
+            f"and not the ignore index {ignore_index}",
+            "bad_label",
         )
+
+
+class PredictionWriter:
+    """Saves predictions of ``dataset[indices[0]], dataset[indices[1]], ...`` in that order.
+
+    Called with each predicted batch (``[B, H, W]`` class indices) of an evaluation
+    loop that visits ``indices`` in order; each mask goes through
+    :meth:`SegmentationDataset.save_prediction`, so a data set with an official
+    result format (Cityscapes label ids) writes that format.
+    """
+
+    def __init__(self, dataset: SegmentationDataset, indices: Sequence[int], out_dir: Path):
+        self.dataset = dataset
+        self.indices = list(indices)
+        self.out_dir = Path(out_dir)
+        self.written: list[Path] = []
+
+    def __call__(self, preds: torch.Tensor) -> None:
+        for pred in preds.to("cpu", torch.uint8).numpy():
+            if len(self.written) >= len(self.indices):
+                raise RuntimeError("more predictions than samples to name them by")
+            index = self.indices[len(self.written)]
+            self.written.append(self.dataset.save_prediction(index, pred, self.out_dir))

@@ -1,0 +1,165 @@
+"""Shared plumbing of the on-disk data sets (Cityscapes, VOC, folder).
+
+A file data set is a list of ``(image path, mask path)`` pairs found by a cheap
+listing of folders and split files, plus the *structural* problems met while
+listing (a mask missing, an id in a split file with no image). Listing never
+opens an image: a training run refuses a broken layout at once, naming the files,
+but the content of each file is checked only when it is loaded
+(:func:`coopseg.data.base.check_pair`) or by ``coopseg data check``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..fileio import atomic_write
+from .base import DataError, SegmentationDataset, Transform
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+MAX_NAMED = 10  # problems named in one error message; the rest are counted
+
+DATA_ROOT_ENV = "COOPSEG_DATA_ROOT"
+
+
+class Problem(NamedTuple):
+    """One structural problem: its kind (see :class:`DataError`), the file, what is wrong."""
+
+    kind: str
+    path: str
+    message: str
+
+
+def resolve_root(
+    root: str | Path | None, dataset: str, env_var: str | None = None
+) -> tuple[Path, str]:
+    """The data set folder and where it came from.
+
+    Precedence: ``data.root`` (the config), then the data set's own environment
+    variable (``CITYSCAPES_DATASET`` for Cityscapes, as the official scripts use),
+    then ``$COOPSEG_DATA_ROOT/<dataset>`` if that folder exists, else
+    ``$COOPSEG_DATA_ROOT`` itself (e.g. the folder holding ``VOCdevkit``).
+    """
+    if root:
+        return Path(root).expanduser(), "data.root"
+    if env_var and os.environ.get(env_var):
+        return Path(os.environ[env_var]).expanduser(), f"${env_var}"
+    if os.environ.get(DATA_ROOT_ENV):
+        base = Path(os.environ[DATA_ROOT_ENV]).expanduser()
+        return (base / dataset if (base / dataset).is_dir() else base), f"${DATA_ROOT_ENV}"
+    where = f"${env_var} or " if env_var else ""
+    raise DataError(
+        f"data.root is not set for data set {dataset!r}; set it in the config "
+        f"(--set data.root=PATH) or set {where}${DATA_ROOT_ENV} (the folder holding {dataset}/)",
+        "missing_pair",
+    )
+
+
+def summarize(problems: Sequence[Problem], what: str) -> str:
+    """One message naming the first :data:`MAX_NAMED` problems and counting the rest."""
+    lines = [f"{what}: {len(problems)} problem(s) with the data set layout"]
+    lines += [f"  {p.message}" for p in problems[:MAX_NAMED]]
+    if len(problems) > MAX_NAMED:
+        lines.append(f"  ... and {len(problems) - MAX_NAMED} more (run `coopseg data check`)")
+    return "\n".join(lines)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """An image file as uint8 ``[H, W, 3]``; DataError naming the file if unreadable."""
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert("RGB"))  # a writable copy (torch warns on read-only)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found", "missing_pair") from None
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc})", "unreadable") from exc
+
+
+def open_mask(path: Path) -> Image.Image:
+    """A mask file, fully decoded; DataError naming the file if unreadable."""
+    try:
+        img = Image.open(path)
+        img.load()
+        return img
+    except FileNotFoundError:
+        raise DataError(f"{path}: mask file not found", "missing_pair") from None
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read mask ({exc})", "unreadable") from exc
+
+
+def read_index_mask(path: Path) -> np.ndarray:
+    """A one-channel mask (palette ``P`` read as indices, or ``L``) as uint8 ``[H, W]``.
+
+    A palette PNG must *not* be converted to RGB: its pixel values already are the
+    class indices (VOC, Cityscapes label images).
+    """
+    img = open_mask(path)
+    if img.mode not in ("P", "L"):
+        raise DataError(
+            f"{path}: mask must be a one-channel index image (PNG mode P or L), got mode "
+            f"{img.mode}",
+            "bad_format",
+        )
+    return np.asarray(img)
+
+
+def save_index_png(path: Path, mask: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """Write a uint8 mask as a PNG atomically (mode P with ``palette``, else mode L)."""
+    img = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), "L")
+    if palette is not None and len(palette):
+        flat = np.zeros((256, 3), dtype=np.uint8)
+        flat[: min(256, len(palette))] = np.asarray(palette, dtype=np.uint8)[:256]
+        img = img.convert("P")
+        img.putpalette(flat.ravel().tolist())
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def read_list(path: Path) -> list[str]:
+    """Ids from a split file: one per line, first whitespace-separated field, no blanks."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read split list ({exc})", "bad_list") from exc
+    return [line.split()[0] for line in text.splitlines() if line.strip()]
+
+
+class FileDataset(SegmentationDataset):
+    """Pairs of image and mask files; subclasses fill ``images``/``masks``/``problems``.
+
+    ``strict=True`` (training, evaluation) raises one :class:`DataError` naming the
+    structural problems; ``strict=False`` (``coopseg data check``) keeps them in
+    ``problems`` and the pairs that are complete in ``images``/``masks``.
+    """
+
+    def __init__(self, transform: Transform | None = None) -> None:
+        super().__init__(transform)
+        self.images: list[Path] = []
+        self.masks: list[Path] = []
+        self.problems: list[Problem] = []
+
+    def _finish(self, strict: bool, what: str) -> None:
+        if strict and self.problems:
+            raise DataError(summarize(self.problems, what), self.problems[0].kind)
+        if strict and not self.images:
+            raise DataError(f"{what}: no samples found", "missing_pair")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read_mask(self, index: int) -> np.ndarray:
+        """The mask of sample ``index`` as class indices (255 = ignore)."""
+        return read_index_mask(self.masks[index])
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return read_rgb(self.images[index]), self.read_mask(index)
+
+    def describe(self, index: int) -> str:
+        return f"{self.images[index]} (mask {self.masks[index]})"
+
+    def sample_name(self, index: int) -> str:
+        return self.images[index].stem
