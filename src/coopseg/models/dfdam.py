@@ -45,7 +45,7 @@ i.e. params -0.2 % / -0.1 % and MACs +1.0 % / -0.7 %. The published numbers leav
 about 0.39 M parameters and 2.9 GMACs to the R18 head; nearly all of those MACs must
 be spent at stride 4 (80x160 positions), which is what fixes the budget of the 3x3
 convs in 2DPAM and the refine block. A wider 2DPAM (3x3 to 64 channels) would overshoot
-the R18 MACs by ~10 %; dropping the 3x3 refine conv would undershoot by ~18 %. The
+the R18 MACs by ~10 %; dropping the 3x3 refine conv would undershoot by ~17 %. The
 two auxiliary heads are included in the parameter count (they exist as modules, the
 paper counts its training network); being 1x1 convs they add 2x2.5 k parameters and,
 since they only run in training mode, no MACs. The DAFM weight branches act on pooled
