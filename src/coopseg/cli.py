@@ -31,6 +31,23 @@ def _add_set(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_slide(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--slide",
+        type=int,
+        nargs=2,
+        metavar=("CROP_H", "CROP_W"),
+        help="sliding-window inference with this window (sets eval.mode=slide)",
+    )
+    p.add_argument(
+        "--stride",
+        type=int,
+        nargs=2,
+        metavar=("SH", "SW"),
+        help="sliding-window step (default: 2/3 of the window)",
+    )
+
+
 def _load(args: argparse.Namespace, config: str | None = None):
     from .config import load_config
 
@@ -58,6 +75,34 @@ def cmd_data_fashionscenes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from .config import DataConfig
+    from .data.check import check_dataset, reports_json
+
+    cfg = DataConfig(
+        dataset=args.dataset,
+        root=args.root,
+        classes_file=args.classes_file,
+        voc_sbd_root=args.sbd_root,
+        val_ratio=args.val_ratio,
+        split_seed=args.split_seed,
+    )
+    reports = check_dataset(cfg, args.split or ["train", "val"])
+    if args.json:
+        print(reports_json(reports))
+    else:
+        print("\n\n".join(r.format() for r in reports))
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from .data.cityscapes import prepare_cityscapes
+
+    written, skipped = prepare_cityscapes(args.root, force=args.force)
+    print(f"wrote {written} *_gtFine_labelTrainIds.png files ({skipped} already up to date)")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine.train import train
 
@@ -73,21 +118,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .config import config_from_dict
+    from .config import ConfigError, config_from_dict
     from .engine.checkpoint import load_model
 
     model, ckpt_cfg, _ = load_model(args.checkpoint)
+    if args.slide:
+        args.overrides.append("eval.mode=slide")
+        args.overrides.append(f"eval.crop_size=[{args.slide[0]}, {args.slide[1]}]")
+        args.overrides.append("eval.stride=null")  # the default unless --stride follows
+    if args.stride:
+        args.overrides.append(f"eval.stride=[{args.stride[0]}, {args.stride[1]}]")
     if args.config:
         cfg = _load(args)
         if cfg.model != ckpt_cfg.model:
-            from .config import ConfigError
-
             raise ConfigError(
                 f"{args.config}: model section {cfg.model} does not match the checkpoint's "
                 f"{ckpt_cfg.model}"
             )
     else:
         cfg = config_from_dict(ckpt_cfg.to_dict(), args.overrides)
+    if args.stride and cfg.eval.mode != "slide":
+        raise ConfigError("--stride needs --slide CROP_H CROP_W (or eval.mode: slide)")
     if args.scales:
         cfg.eval.scales = list(args.scales)
     if args.flip:
@@ -95,13 +146,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     json_path = Path(args.json) if args.json else Path(args.checkpoint).parent / "eval.json"
     from .engine.evaluate import evaluate_checkpoint
 
-    evaluate_checkpoint(cfg, model, args.checkpoint, json_path)
+    saved = Path(args.save_predictions) if args.save_predictions else None
+    evaluate_checkpoint(cfg, model, args.checkpoint, json_path, save_predictions=saved)
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .engine.evaluate import SlideWindow
     from .engine.predict import predict_files
 
+    if args.stride and not args.slide:
+        raise ConfigError("--stride needs --slide CROP_H CROP_W")
     written = predict_files(
         args.checkpoint,
         args.inputs,
@@ -109,6 +165,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         device=args.device or "auto",
         scales=args.scales or [1.0],
         flip=args.flip,
+        slide=SlideWindow.create(args.slide, args.stride) if args.slide else None,
     )
     print(f"wrote {len(written)} files to {args.out}")
     return 0
@@ -169,6 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--source", help="folder with the four Fashion-MNIST *-idx?-ubyte.gz files")
     fs.add_argument("--force", action="store_true", help="rebuild even if cached")
     fs.set_defaults(func=cmd_data_fashionscenes)
+    ck = data_sub.add_parser("check", help="read every file of a data set and report problems")
+    ck.add_argument("root", help="data set folder")
+    ck.add_argument("--dataset", required=True, choices=["cityscapes", "voc", "folder"])
+    ck.add_argument("--split", action="append", help="split to check (repeatable; train, val)")
+    ck.add_argument("--classes-file", help="folder: class file (default ROOT/classes.yaml)")
+    ck.add_argument("--sbd-root", help="voc: SBD benchmark_RELEASE folder (for train_aug)")
+    ck.add_argument("--val-ratio", type=float, default=0.1, help="folder without splits/")
+    ck.add_argument("--split-seed", type=int, default=0, help="folder without splits/")
+    ck.add_argument("--json", action="store_true", help="print one JSON object")
+    ck.set_defaults(func=cmd_data_check)
+    pp = data_sub.add_parser("prepare", help="cache mapped label files (Cityscapes train ids)")
+    pp.add_argument("dataset", choices=["cityscapes"])
+    pp.add_argument("root", help="data set folder")
+    pp.add_argument("--force", action="store_true", help="rewrite files already up to date")
+    pp.set_defaults(func=cmd_data_prepare)
 
     tr = sub.add_parser("train", help="train a model from a YAML config")
     tr.add_argument("config", help="YAML file, or the name of a packaged config (demo)")
@@ -190,7 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(ev)
     ev.add_argument("--scales", type=float, nargs="+", help="multi-scale inference, e.g. 0.5 1 2")
     ev.add_argument("--flip", action="store_true", help="average with horizontally flipped input")
+    _add_slide(ev)
     ev.add_argument("--json", help="where to write the metrics JSON (default: beside checkpoint)")
+    ev.add_argument(
+        "--save-predictions",
+        metavar="DIR",
+        help="write predicted masks here (Cityscapes: official labelId PNGs; else palette PNGs)",
+    )
     ev.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     ev.set_defaults(func=cmd_eval)
 
@@ -200,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("--scales", type=float, nargs="+")
     pr.add_argument("--flip", action="store_true")
+    _add_slide(pr)
     pr.add_argument("--device")
     pr.set_defaults(func=cmd_predict)
 

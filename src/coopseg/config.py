@@ -30,8 +30,16 @@ class ConfigError(ValueError):
 class DataConfig:
     """Which data set, where it lives, and how batches are made."""
 
-    dataset: str = "fashionscenes"
-    root: str | None = None  # data set folder; fashionscenes: its cache folder
+    dataset: str = "fashionscenes"  # fashionscenes | cityscapes | voc | folder
+    # data set folder; fashionscenes: its cache folder. Unset: $CITYSCAPES_DATASET
+    # (cityscapes), else $COOPSEG_DATA_ROOT/<dataset> or $COOPSEG_DATA_ROOT
+    root: str | None = None
+    train_split: str = "train"  # cityscapes: train|val; voc: train|trainval|train_aug; folder
+    val_split: str = "val"  # split evaluated (folder: splits/<name>.txt, else the ratio split)
+    voc_sbd_root: str | None = None  # voc: SBD benchmark_RELEASE (default: beside VOCdevkit)
+    classes_file: str | None = None  # folder: class names/colours YAML (default ROOT/classes.yaml)
+    val_ratio: float = 0.1  # folder without splits/: fraction of stems held out for val
+    split_seed: int = 0  # folder without splits/: seed of that held-out draw
     source: str | None = None  # fashionscenes: folder with the Fashion-MNIST IDX files
     scene_size: int = 128  # fashionscenes: canvas side in pixels
     train_scenes: int = 2000  # fashionscenes: number of training scenes
@@ -65,6 +73,9 @@ class TrainConfig:
     checkpoint_interval: int = 200
     log_interval: int = 10
     max_time_s: float = 0.0  # stop (and checkpoint) after this many seconds; 0 = no limit
+    class_weights: list[float] | None = None  # cross-entropy weight per class; null = all 1
+    ohem_thresh: float | None = None  # OHEM: train on pixels whose true-class prob < this
+    ohem_min_kept: int = 0  # OHEM: plus at least this many hardest labelled pixels per image
 
 
 @dataclass
@@ -73,6 +84,25 @@ class EvalConfig:
 
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
+    mode: str = "whole"  # whole (one pass per image) | slide (overlapping windows)
+    crop_size: list[int] | None = None  # slide: window [height, width]; null = data.crop_size
+    stride: list[int] | None = None  # slide: step [height, width]; null = 2/3 of the window
+    window_batch: int = 4  # slide: windows per forward pass (bounds memory)
+
+
+@dataclass
+class JointConfig:
+    """JointSeg's two agents (``model.arch: jointseg``): rates, batches, classifier labels."""
+
+    cls_lr_ratio: float = 30.0  # classifier lr = this x train.lr (the segmenter's); paper: 30
+    cls_batch_ratio: int = 32  # classifier batch = this x data.batch_size; paper: 32
+    cls_label: str = "count"  # dominant (class with most pixels, 11) | count (objects, 0..4)
+    binary_normal: list[int] = field(default_factory=lambda: [0, 1])  # labels that are "normal"
+    cls_label_noise: float = 0.0  # fraction of classifier labels replaced by random ones
+    cls_data: str = "train"  # classifier scenes: train (the segmenter's) | separate (own build)
+    cls_scenes: int = 2000  # cls_data=separate: number of classifier scenes
+    cls_scene_seed: int = 1  # cls_data=separate: their generator seed (differ from scene_seed)
+    cls_weight_decay: float | None = None  # classifier optimizer; null = train.weight_decay
 
 
 @dataclass
@@ -89,6 +119,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    joint: JointConfig = field(default_factory=JointConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -216,12 +247,16 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) ->
     cfg = _build(Config, raw, "")
     check_model_section(cfg.model)
     _check_choices(cfg)
+    _check_values(cfg)
     return cfg
 
 
 CHOICES = {
     "train.amp": ("none", "auto", "bf16", "fp16"),
     "train.optimizer": ("sgd", "adamw"),
+    "eval.mode": ("whole", "slide"),
+    "joint.cls_label": ("dominant", "count"),
+    "joint.cls_data": ("train", "separate"),
 }
 
 
@@ -233,38 +268,123 @@ def _check_choices(cfg: Config) -> None:
             raise ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}")
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config; errors name the file and the key."""
-    path = Path(path)
+def _check_pair(value: list[int] | None, key: str) -> None:
+    if value is not None and (len(value) != 2 or min(value) < 1):
+        raise ConfigError(f"{key}: expected [height, width], both positive, got {value}")
+
+
+def _check_values(cfg: Config) -> None:
+    """Ranges and lengths the type check cannot see; each error names its key."""
+    t, e = cfg.train, cfg.eval
+    if t.class_weights is not None:
+        classes = cfg.model.get("num_classes")
+        if classes is not None and len(t.class_weights) != classes:
+            raise ConfigError(
+                f"train.class_weights: expected {classes} weights (model.num_classes), "
+                f"got {len(t.class_weights)}"
+            )
+        if min(t.class_weights, default=0.0) < 0 or sum(t.class_weights) <= 0:
+            raise ConfigError(
+                f"train.class_weights: expected non-negative weights, not all zero, "
+                f"got {t.class_weights}"
+            )
+    if t.ohem_thresh is not None and not 0.0 < t.ohem_thresh <= 1.0:
+        raise ConfigError(
+            f"train.ohem_thresh: expected a probability in (0, 1], got {t.ohem_thresh}"
+        )
+    if t.ohem_min_kept < 0:
+        raise ConfigError(f"train.ohem_min_kept: expected >= 0, got {t.ohem_min_kept}")
+    if t.ohem_min_kept and t.ohem_thresh is None:
+        raise ConfigError("train.ohem_min_kept is set but train.ohem_thresh is not (OHEM is off)")
+    _check_pair(e.crop_size, "eval.crop_size")
+    _check_pair(e.stride, "eval.stride")
+    if e.stride is not None:
+        crop = e.crop_size or cfg.data.crop_size
+        if any(s > c for s, c in zip(e.stride, crop, strict=False)):
+            raise ConfigError(
+                f"eval.stride {e.stride} is larger than the window {crop} "
+                "(eval.crop_size, default data.crop_size): pixels would be skipped"
+            )
+    if e.window_batch < 1:
+        raise ConfigError(f"eval.window_batch: expected a positive integer, got {e.window_batch}")
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping with its ``base:`` chain merged underneath it.
+
+    ``base`` names another YAML (relative to this file, or a packaged config's name);
+    this file's keys override the base's, section by section. The ``model`` section
+    merges key by key too, unless this file names a different ``model.arch``.
+    """
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in chain:
+        names = " -> ".join(str(p) for p in (*chain, path.resolve()))
+        raise ConfigError(f"{path}: 'base' chain loops: {names}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+    candidates = [path.parent / base]
+    if not Path(base).suffix:
+        candidates += [path.parent / f"{base}.yaml", PACKAGED_CONFIGS / f"{base}.yaml"]
+    base_path = next((c for c in candidates if c.is_file()), None)
+    if base_path is None:
+        raise ConfigError(
+            f"{path}: base: config {base!r} not found (looked for {[str(c) for c in candidates]})"
+        )
+    parent = _read_yaml(base_path, (*chain, path.resolve()))
+    model = raw.get("model")
+    parent_model = parent.get("model")
+    same_arch = isinstance(model, dict) and isinstance(parent_model, dict)
+    if same_arch and model.get("arch", parent_model.get("arch")) == parent_model.get("arch"):
+        raw["model"] = {**parent_model, **model}
+    return _merge(parent, raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (and its ``base:`` chain); errors name the file and the key."""
+    path = Path(path)
+    raw = _read_yaml(path)
     try:
         return config_from_dict(raw, overrides)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
 
 
-def check_model_section(model: dict[str, Any]) -> None:
-    """The ``model`` keys must be arguments of the architecture's constructor."""
+def check_model_section(model: dict[str, Any], prefix: str = "model") -> None:
+    """The ``model`` keys must be arguments of the architecture's constructor; a
+    cooperative model's members are checked the same way, each against its own."""
     from .models import ARCHITECTURES
+    from .models.cooperative import check_cooperative_section
 
     arch = model.get("arch")
     if arch not in ARCHITECTURES:
         raise ConfigError(
-            f"model.arch: unknown architecture {arch!r}; one of {sorted(ARCHITECTURES)}"
+            f"{prefix}.arch: unknown architecture {arch!r}; one of {sorted(ARCHITECTURES)}"
         )
     params = inspect.signature(ARCHITECTURES[arch].__init__).parameters
     allowed = {n for n in params if n != "self"} | {"arch", "freeze_bn"}
     unknown = sorted(set(model) - allowed)
     if unknown:
         raise ConfigError(
-            f"unknown config key model.{unknown[0]} for architecture {arch}; "
+            f"unknown config key {prefix}.{unknown[0]} for architecture {arch}; "
             f"allowed: {sorted(allowed)}"
         )
+    if arch == "cooperative":
+        try:
+            check_cooperative_section(model, check_model_section)
+        except ValueError as err:
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(str(err)) from None
 
 
 def model_kwargs(model: dict[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, EvalConfig
 from ..data import SegmentationDataset, build_dataset
+from ..data.base import PredictionWriter
 from ..data.sampling import shard_indices
 from .distributed import DistInfo, init_distributed
 from .metrics import ConfusionMatrix, SegMetrics, format_table
@@ -52,6 +55,105 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class SlideWindow:
+    """Sliding-window geometry: ``crop`` and ``stride`` as (height, width) in pixels.
+
+    ``batch`` windows go through the model per forward pass, so memory stays
+    bounded on full-resolution images (Cityscapes: 2048x1024) whatever the image
+    or batch size.
+    """
+
+    crop: tuple[int, int]
+    stride: tuple[int, int]
+    batch: int = 4
+
+    def __post_init__(self) -> None:
+        for name, pair in (("crop_size", self.crop), ("stride", self.stride)):
+            if len(pair) != 2 or any(isinstance(v, bool) or int(v) != v or v < 1 for v in pair):
+                raise ConfigError(f"eval.{name}: expected [height, width], positive, got {pair}")
+        if any(s > c for s, c in zip(self.stride, self.crop, strict=True)):
+            raise ConfigError(
+                f"eval.stride {list(self.stride)} is larger than eval.crop_size "
+                f"{list(self.crop)}: pixels between windows would never be predicted"
+            )
+        if self.batch < 1:
+            raise ConfigError(f"eval.window_batch: expected a positive integer, got {self.batch}")
+
+    @classmethod
+    def create(
+        cls, crop: Sequence[int], stride: Sequence[int] | None = None, batch: int = 4
+    ) -> SlideWindow:
+        """``stride`` None: two thirds of the crop (windows overlap by a third)."""
+        crop_t = tuple(int(c) for c in crop)
+        if stride is None:
+            stride = [max(1, round(c * 2 / 3)) for c in crop_t]
+        return cls(crop_t, tuple(int(s) for s in stride), batch)  # type: ignore[arg-type]
+
+
+def slide_window(eval_cfg: EvalConfig, default_crop: Sequence[int]) -> SlideWindow | None:
+    """The window of ``eval.mode: slide`` (crop defaults to ``data.crop_size``); None: whole."""
+    if eval_cfg.mode != "slide":
+        return None
+    return SlideWindow.create(
+        eval_cfg.crop_size or default_crop, eval_cfg.stride, eval_cfg.window_batch
+    )
+
+
+def window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Window origins along one axis: every ``stride`` pixels, the last flush with the border.
+
+    A side no longer than ``crop`` gets one window at 0 (the image is padded).
+    """
+    if length <= crop:
+        return [0]
+    count = math.ceil((length - crop) / stride) + 1
+    return [min(i * stride, length - crop) for i in range(count)]
+
+
+def slide_probs(
+    model: nn.Module,
+    images: torch.Tensor,
+    window: SlideWindow,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Softmax over the image from overlapping windows, averaged pixel-wise by a count map.
+
+    An image smaller than the crop is zero-padded (the mean colour once normalised)
+    at the bottom/right; the padded pixels' predictions are dropped, never averaged.
+    """
+    b, _, h, w = images.shape
+    (ch, cw), (sh, sw) = window.crop, window.stride
+    channels_last = images.is_contiguous(memory_format=torch.channels_last)
+    if h < ch or w < cw:
+        images = F.pad(images, (0, max(cw - w, 0), 0, max(ch - h, 0)))
+    ys, xs = window_starts(h, ch, sh), window_starts(w, cw, sw)
+    count = torch.zeros((h, w), device=images.device)
+    for y in ys:
+        for x in xs:
+            count[y : y + ch, x : x + cw] += 1
+    windows = [(i, y, x) for i in range(b) for y in ys for x in xs]
+    total: torch.Tensor | None = None
+    ctx = autocast_context(images.device, amp_dtype)
+    for start in range(0, len(windows), window.batch):
+        group = windows[start : start + window.batch]
+        crops = torch.stack([images[i, :, y : y + ch, x : x + cw] for i, y, x in group])
+        if channels_last:
+            crops = crops.contiguous(memory_format=torch.channels_last)
+        with ctx:
+            logits = model(crops)["out"].float()
+        if logits.shape[-2:] != (ch, cw):
+            logits = F.interpolate(logits, size=(ch, cw), mode="bilinear", align_corners=False)
+        probs = logits.softmax(1)
+        if total is None:
+            total = probs.new_zeros((b, probs.shape[1], h, w))
+        for p, (i, y, x) in zip(probs, group, strict=True):
+            vh, vw = min(ch, h - y), min(cw, w - x)  # the part inside the image
+            total[i, :, y : y + vh, x : x + vw] += p[:, :vh, :vw]
+    assert total is not None
+    return total / count
+
+
 @torch.no_grad()
 def predict_probs(
     model: nn.Module,
@@ -59,15 +161,18 @@ def predict_probs(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     amp_dtype: torch.dtype | None = None,
+    slide: SlideWindow | None = None,
 ) -> torch.Tensor:
     """Class scores at the input's size: softmax averaged over scales and flips.
 
-    With one scale of 1.0 and no flip this returns the raw logits (same argmax,
-    one forward pass): plain inference.
+    With one scale of 1.0, no flip and no ``slide`` this returns the raw logits
+    (same argmax, one forward pass): plain inference. With ``slide`` each scaled
+    (and flipped) view is covered by windows (:func:`slide_probs`), and its
+    probabilities are resized to the input size before averaging.
     """
     size = images.shape[-2:]
     ctx = autocast_context(images.device, amp_dtype)
-    if list(scales) == [1.0] and not flip:
+    if list(scales) == [1.0] and not flip and slide is None:
         with ctx:
             return model(images)["out"].float()
     total = None
@@ -80,15 +185,41 @@ def predict_probs(
         views = [False, True] if flip else [False]
         for flipped in views:
             inp = scaled.flip(-1) if flipped else scaled
-            with ctx:
-                logits = model(inp)["out"].float()
-            if flipped:
-                logits = logits.flip(-1)
-            if logits.shape[-2:] != size:
-                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-            probs = logits.softmax(1)
+            if slide is not None:
+                probs = slide_probs(model, inp, slide, amp_dtype)
+                if flipped:
+                    probs = probs.flip(-1)
+                if probs.shape[-2:] != size:
+                    probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+            else:
+                with ctx:
+                    logits = model(inp)["out"].float()
+                if flipped:
+                    logits = logits.flip(-1)
+                if logits.shape[-2:] != size:
+                    logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+                probs = logits.softmax(1)
             total = probs if total is None else total + probs
     return total / (len(scales) * (2 if flip else 1))
+
+
+def collate_by_size(
+    samples: list[tuple[torch.Tensor, torch.Tensor]],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A batch as sub-batches of consecutive equal-size samples (VOC mixes sizes).
+
+    Each sample lands in exactly one sub-batch and sample order is kept, so every
+    pixel is counted once, the confusion matrix equals per-image evaluation, and
+    per-batch hooks see predictions in data-set order; nothing is resized or cropped.
+    """
+    groups: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    for image, mask in samples:
+        last = groups[-1][-1] if groups else None
+        if last is not None and last[0].shape == image.shape and last[1].shape == mask.shape:
+            groups[-1].append((image, mask))
+        else:
+            groups.append([(image, mask)])
+    return [default_collate(group) for group in groups]
 
 
 @torch.no_grad()
@@ -104,8 +235,16 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     num_workers: int = 0,
     channels_last: bool = False,
+    slide: SlideWindow | None = None,
+    on_batch: Callable[[torch.Tensor], None] | None = None,
 ) -> SegMetrics:
-    """mIoU and friends over ``dataset``; with DDP each rank takes a shard, then sums."""
+    """mIoU and friends over ``dataset``; with DDP each rank takes a shard, then sums.
+
+    ``on_batch`` receives each predicted batch (class indices), e.g. to save them.
+
+    Images of different sizes may share a batch: they are run as equal-size
+    sub-batches (:func:`collate_by_size`).
+    """
     was_training = model.training
     model.eval()
     device = dist.device
@@ -116,44 +255,68 @@ def evaluate(
         shuffle=False,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        collate_fn=collate_by_size,
         generator=torch.Generator(),  # leave the global RNG alone (resume equality)
     )
     cm = ConfusionMatrix(num_classes, device=device)
-    for images, masks in loader:
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        masks = masks.to(device, non_blocking=True)
-        scores = predict_probs(model, images, scales, flip, amp_dtype)
-        cm.update(scores.argmax(1), masks)
+    for groups in loader:
+        for images, masks in groups:
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            masks = masks.to(device, non_blocking=True)
+            scores = predict_probs(model, images, scales, flip, amp_dtype, slide)
+            pred = scores.argmax(1)
+            cm.update(pred, masks)
+            if on_batch is not None:
+                on_batch(pred)
     cm.all_reduce()
     model.train(was_training)
     return cm.compute()
 
 
 def evaluate_checkpoint(
-    cfg: Config, model: nn.Module, checkpoint: str | Path, json_path: Path | None = None
+    cfg: Config,
+    model: nn.Module,
+    checkpoint: str | Path,
+    json_path: Path | None = None,
+    save_predictions: Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on the validation set of ``cfg``; print the table, write JSON."""
+    """Evaluate ``model`` on the validation set of ``cfg``; print the table, write JSON.
+
+    ``save_predictions``: also write each predicted mask there (batch size 1, so each
+    prediction is named by its sample in order).
+    """
     dist = init_distributed(cfg.device)
     val_set = build_dataset(cfg.data, "val")
     check_class_count(cfg, val_set)
+    writer = None
+    if save_predictions is not None:
+        shard = shard_indices(len(val_set), dist.rank, dist.world_size)
+        writer = PredictionWriter(val_set, shard, save_predictions)
+    slide = slide_window(cfg.eval, cfg.data.crop_size)
     metrics = evaluate(
         model.to(dist.device),
         val_set,
         val_set.num_classes,
         dist=dist,
-        batch_size=cfg.data.val_batch_size,
+        batch_size=1 if writer else cfg.data.val_batch_size,
         scales=cfg.eval.scales,
         flip=cfg.eval.flip,
         amp_dtype=amp_dtype(cfg.train.amp, dist.device),
         num_workers=cfg.data.num_workers,
+        slide=slide,
+        on_batch=writer,
     )
+    if writer is not None:
+        print(f"rank {dist.rank}: {len(writer.written)} predictions written to {save_predictions}")
     report = {
         "checkpoint": str(checkpoint),
         "dataset": cfg.data.dataset,
         "scales": cfg.eval.scales,
         "flip": cfg.eval.flip,
+        "mode": cfg.eval.mode,
+        **({"crop_size": list(slide.crop), "stride": list(slide.stride)} if slide else {}),
         **metrics.to_dict(val_set.class_names),
     }
     if dist.is_main:

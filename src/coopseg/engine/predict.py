@@ -13,7 +13,7 @@ from ..data.base import DataError
 from ..visualize import colorize, overlay, palette_image
 from .checkpoint import load_model
 from .distributed import resolve_device
-from .evaluate import predict_probs
+from .evaluate import SlideWindow, predict_probs
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -52,8 +52,12 @@ def predict_files(
     device: str = "auto",
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
+    slide: SlideWindow | None = None,
 ) -> list[Path]:
-    """Write ``<stem>_mask.png`` (indexed, palette) and ``<stem>_overlay.png`` per image."""
+    """Write ``<stem>_mask.png`` (indexed, palette) and ``<stem>_overlay.png`` per image.
+
+    ``slide`` keeps memory bounded on large photos (windows of a fixed size).
+    """
     dev = resolve_device(device)
     model, cfg, info = load_model(checkpoint, dev)
     palette = info.get("palette") or [[0, 0, 0]]
@@ -65,7 +69,8 @@ def predict_files(
     for path in collect_images(inputs):
         rgb = read_rgb(path)
         x = torch.from_numpy(rgb).to(dev).permute(2, 0, 1)[None].float().div(255)
-        pred = predict_probs(model, (x - mean) / std, scales, flip).argmax(1)[0].cpu().numpy()
+        probs = predict_probs(model, (x - mean) / std, scales, flip, slide=slide)
+        pred = probs.argmax(1)[0].cpu().numpy()
         mask_path = out / f"{path.stem}_mask.png"
         palette_image(pred, palette).save(mask_path)
         overlay_path = out / f"{path.stem}_overlay.png"

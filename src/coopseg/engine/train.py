@@ -32,7 +32,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .distributed import DistInfo, all_reduce_sum, init_distributed
-from .evaluate import amp_dtype, autocast_context, check_class_count, evaluate
+from .evaluate import amp_dtype, autocast_context, check_class_count, evaluate, slide_window
 from .logging import RunLogger
 from .loss import SegmentationLoss
 from .metrics import SegMetrics
@@ -109,7 +109,14 @@ class Trainer:
             if self.dist.distributed
             else model
         )
-        self.criterion = SegmentationLoss(aux, world_size=self.dist.world_size)
+        self.criterion = SegmentationLoss(
+            aux,
+            world_size=self.dist.world_size,
+            class_weights=cfg.train.class_weights,
+            ohem_thresh=cfg.train.ohem_thresh,
+            ohem_min_kept=cfg.train.ohem_min_kept,
+        )
+        self.slide = slide_window(cfg.eval, cfg.data.crop_size)
         t = cfg.train
         self.optimizer = build_optimizer(model, t)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -200,6 +207,7 @@ class Trainer:
             amp_dtype=self.amp_dtype,
             num_workers=self.cfg.data.num_workers,
             channels_last=self.channels_last,
+            slide=self.slide,
         )
 
     def step(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:

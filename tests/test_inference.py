@@ -1,0 +1,262 @@
+"""Inference protocols: sliding windows, multi-scale + flip, mixed-size evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from coopseg.cli import build_parser, main
+from coopseg.config import ConfigError, config_from_dict, model_kwargs
+from coopseg.data.base import IGNORE_INDEX
+from coopseg.engine.checkpoint import save_weights
+from coopseg.engine.distributed import init_distributed
+from coopseg.engine.evaluate import (
+    SlideWindow,
+    collate_by_size,
+    evaluate,
+    predict_probs,
+    slide_probs,
+    slide_window,
+    window_starts,
+)
+from coopseg.engine.metrics import ConfusionMatrix
+from coopseg.models import create_model
+
+
+class ConvModel(nn.Module):
+    """Output depends on a ``kernel`` x ``kernel`` neighbourhood only (zero padding)."""
+
+    def __init__(self, classes: int = 4, kernel: int = 3, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, classes, kernel, padding=kernel // 2)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.conv(x)}
+
+
+class WindowPositionModel(nn.Module):
+    """Reads the window's origin from a coordinate image (channel 0: column, 1: row).
+
+    Every pixel of a window gets softmax ``[(x0 + 1), (y0 + 1)] / (x0 + y0 + 2)``,
+    so the averaged output shows which windows covered each pixel.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.batches.append(x.shape[0])
+        x0, y0 = x[:, 0, 0, 0], x[:, 1, 0, 0]
+        logits = torch.stack([(x0 + 1).log(), (y0 + 1).log()], 1)
+        return {"out": logits[:, :, None, None].expand(-1, -1, *x.shape[-2:])}
+
+
+def coordinates(batch: int, h: int, w: int) -> torch.Tensor:
+    rows = torch.arange(h, dtype=torch.float32)[:, None].expand(h, w)
+    cols = torch.arange(w, dtype=torch.float32)[None, :].expand(h, w)
+    return torch.stack([cols, rows, torch.zeros(h, w)])[None].repeat(batch, 1, 1, 1)
+
+
+def test_window_starts_cover_the_side_and_end_at_the_border() -> None:
+    assert window_starts(11, 4, 3) == [0, 3, 6, 7]
+    assert window_starts(10, 4, 3) == [0, 3, 6]
+    assert window_starts(7, 4, 2) == [0, 2, 3]
+    assert window_starts(4, 4, 2) == [0]
+    assert window_starts(3, 4, 2) == [0]  # smaller than the crop: one padded window
+
+
+def test_overlapping_windows_are_averaged_by_the_count_map() -> None:
+    model = WindowPositionModel()
+    images = coordinates(2, 7, 11)
+    window = SlideWindow((4, 4), (2, 3), batch=5)
+    probs = slide_probs(model, images, window)
+    assert probs.shape == (2, 2, 7, 11)
+    ys, xs = [0, 2, 3], [0, 3, 6, 7]  # by hand: last windows flush with the border
+    expected = torch.zeros(2, 7, 11)
+    count = torch.zeros(7, 11)
+    for y0 in ys:
+        for x0 in xs:
+            q = torch.tensor([x0 + 1.0, y0 + 1.0]) / (x0 + y0 + 2)
+            expected[:, y0 : y0 + 4, x0 : x0 + 4] += q[:, None, None]
+            count[y0 : y0 + 4, x0 : x0 + 4] += 1
+    assert count.min() >= 1
+    torch.testing.assert_close(probs, (expected / count).expand(2, -1, -1, -1))
+    # by hand: (0, 0) is only in window (0, 0); (1, 3) in (0, 0) and (0, 3);
+    # (6, 7) in (3, 6) and (3, 7)
+    assert probs[0, 0, 0, 0].item() == pytest.approx(0.5)
+    assert probs[0, 0, 1, 3].item() == pytest.approx((1 / 2 + 4 / 5) / 2)
+    assert probs[1, 0, 6, 7].item() == pytest.approx((7 / 11 + 8 / 12) / 2)
+    # 2 images x 12 windows in groups of at most 5, and the grouping changes nothing
+    assert model.batches == [5, 5, 5, 5, 4]
+    model.batches.clear()
+    one_by_one = slide_probs(model, images, SlideWindow((4, 4), (2, 3), batch=1))
+    assert model.batches == [1] * 24
+    torch.testing.assert_close(one_by_one, probs, rtol=0, atol=0)
+
+
+def test_pad_region_is_excluded_when_image_is_smaller_than_crop() -> None:
+    model = ConvModel(kernel=3)
+    images = torch.randn(2, 3, 13, 9)
+    with torch.no_grad():
+        whole = model(images)["out"].softmax(1)
+    for crop in [(13, 9), (16, 12), (20, 9)]:
+        window = SlideWindow(crop, crop)
+        torch.testing.assert_close(slide_probs(model, images, window), whole)
+        torch.testing.assert_close(predict_probs(model, images, slide=window), whole)
+
+
+def test_sliding_equals_whole_for_a_pointwise_model() -> None:
+    model = ConvModel(kernel=1)
+    images = torch.randn(2, 3, 19, 23)
+    window = SlideWindow.create((8, 8), (5, 3), batch=7)
+    with torch.no_grad():
+        whole = model(images)["out"].softmax(1)
+    torch.testing.assert_close(predict_probs(model, images, slide=window), whole)
+    # padded in height, sliding in width
+    window = SlideWindow.create((24, 8), (24, 5))
+    torch.testing.assert_close(predict_probs(model, images, slide=window), whole)
+    flipped = predict_probs(model, images, flip=True, slide=window)
+    torch.testing.assert_close(flipped, whole)
+
+
+def test_sliding_with_multiscale_and_flip_keeps_the_input_size() -> None:
+    model = ConvModel(classes=5)
+    images = torch.randn(2, 3, 13, 17)
+    window = SlideWindow.create((8, 8), (5, 5))
+    probs = predict_probs(model, images, scales=[0.5, 1.0, 1.5], flip=True, slide=window)
+    assert probs.shape == (2, 5, 13, 17)
+    torch.testing.assert_close(probs.sum(1), torch.ones(2, 13, 17))
+    assert probs.min() >= 0
+
+
+def test_default_stride_is_two_thirds_of_the_crop() -> None:
+    assert SlideWindow.create((512, 1024)).stride == (341, 683)
+    cfg = config_from_dict({"eval": {"mode": "slide"}, "data": {"crop_size": [96, 64]}})
+    assert slide_window(cfg.eval, cfg.data.crop_size) == SlideWindow((96, 64), (64, 43), 4)
+    assert slide_window(config_from_dict({}).eval, [64, 64]) is None
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"mode": "sliding"}, r"eval.mode: expected one of \['whole', 'slide'\]"),
+        ({"crop_size": [512]}, r"eval.crop_size: expected \[height, width\]"),
+        ({"crop_size": [0, 512]}, r"eval.crop_size: expected \[height, width\]"),
+        ({"stride": [-1, 4]}, r"eval.stride: expected \[height, width\]"),
+        ({"crop_size": [64, 64], "stride": [64, 65]}, r"eval.stride \[64, 65\] is larger"),
+        ({"stride": [200, 100]}, r"eval.stride \[200, 100\] is larger .* data.crop_size"),
+        ({"window_batch": 0}, r"eval.window_batch: expected a positive integer"),
+        ({"strides": [8, 8]}, r"unknown config key eval.strides"),
+    ],
+)
+def test_invalid_eval_keys_are_named(section, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"eval": section})
+
+
+def test_slide_window_checks_its_geometry() -> None:
+    with pytest.raises(ConfigError, match="eval.stride"):
+        SlideWindow((8, 8), (9, 4))
+    with pytest.raises(ConfigError, match="eval.crop_size"):
+        SlideWindow((8, 0), (4, 4))
+
+
+class MixedSizes(Dataset):
+    """Images of several sizes in one data set, as in Pascal VOC."""
+
+    sizes = ((20, 24), (20, 24), (16, 30), (20, 24), (33, 17), (16, 30), (9, 9))
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(i)
+        h, w = self.sizes[i]
+        mask = torch.randint(0, 4, (h, w), generator=g)
+        mask[torch.rand(h, w, generator=g) < 0.1] = IGNORE_INDEX
+        return torch.randn(3, h, w, generator=g), mask
+
+
+def test_collate_by_size_keeps_sample_order() -> None:
+    data = MixedSizes()
+    samples = [data[i] for i in range(len(data))]
+    groups = collate_by_size(samples)
+    assert [len(images) for images, _ in groups] == [2, 1, 1, 1, 1, 1]
+    images = [img for batch, _ in groups for img in batch]
+    assert all(torch.equal(a, b) for a, (b, _) in zip(images, samples, strict=True))
+
+
+@pytest.mark.parametrize("slide", [None, SlideWindow((12, 12), (8, 8), batch=3)])
+def test_mixed_sizes_evaluate_like_one_image_at_a_time(slide) -> None:
+    model = ConvModel().eval()
+    data = MixedSizes()
+    reference = ConfusionMatrix(4)
+    for i in range(len(data)):
+        image, mask = data[i]
+        reference.update(predict_probs(model, image[None], slide=slide).argmax(1), mask[None])
+    dist = init_distributed("cpu")
+    metrics = evaluate(model, data, 4, dist=dist, batch_size=4, slide=slide)
+    expected = reference.compute()
+    assert metrics.matrix == expected.matrix
+    labelled = sum(int((data[i][1] != IGNORE_INDEX).sum()) for i in range(len(data)))
+    assert metrics.pixels == labelled
+
+
+@pytest.fixture(scope="module")
+def deeplab() -> nn.Module:
+    torch.manual_seed(0)
+    return create_model("deeplabv3plus", backbone="resnet18", num_classes=3).eval()
+
+
+def test_single_scale_without_flip_is_plain_inference(deeplab) -> None:
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = deeplab(x)["out"]
+    scores = predict_probs(deeplab, x, scales=[1.0], flip=False)
+    assert torch.equal(scores.argmax(1), plain.argmax(1))
+    torch.testing.assert_close(scores.softmax(1), plain.softmax(1))
+    averaged = predict_probs(deeplab, x, scales=[1.0, 1.0], flip=False)  # the averaging path
+    torch.testing.assert_close(averaged, plain.softmax(1))
+
+
+def test_flip_averaging_of_a_symmetric_input_is_symmetric(deeplab) -> None:
+    half = torch.randn(1, 3, 64, 32, generator=torch.Generator().manual_seed(2))
+    x = torch.cat([half, half.flip(-1)], -1)
+    assert torch.equal(x, x.flip(-1))
+    with torch.no_grad():
+        plain = deeplab(x)["out"].softmax(1)
+    assert not torch.allclose(plain, plain.flip(-1), atol=1e-4)  # the model alone is not
+    probs = predict_probs(deeplab, x, flip=True)
+    torch.testing.assert_close(probs, probs.flip(-1))
+    multi = predict_probs(deeplab, x, scales=[0.75, 1.0], flip=True)
+    torch.testing.assert_close(multi, multi.flip(-1), rtol=1e-4, atol=1e-5)
+    slid = predict_probs(deeplab, x, flip=True, slide=SlideWindow.create((64, 48), (64, 16)))
+    torch.testing.assert_close(slid, slid.flip(-1), rtol=1e-4, atol=1e-5)
+
+
+def test_cli_slide_flags(make_config, tmp_path, capsys) -> None:
+    args = build_parser().parse_args(
+        ["predict", "a.png", "--checkpoint", "c", "--out", "o", "--slide", "32", "48"]
+    )
+    assert args.slide == [32, 48] and args.stride is None
+    stray = ["predict", "a.png", "--checkpoint", "c", "--out", "o", "--stride", "8", "8"]
+    assert main(stray) == 2
+    assert "--stride needs --slide" in capsys.readouterr().err
+
+    cfg = make_config(model={"aspp_channels": 8, "decoder_channels": 8})
+    ckpt = tmp_path / "w.safetensors"
+    arch, kwargs = model_kwargs(cfg.model)
+    save_weights(ckpt, create_model(arch, **kwargs), cfg)
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--checkpoint", str(ckpt), "--json", str(out), "--slide", "64", "64"]
+    assert main([*argv, "--stride", "32", "40"]) == 0  # 64x64 images: one window
+    report = json.loads(out.read_text())
+    assert (report["mode"], report["crop_size"], report["stride"]) == ("slide", [64, 64], [32, 40])
+    assert main([*argv, "--stride", "64", "65"]) == 2
+    assert "eval.stride [64, 65] is larger" in capsys.readouterr().err
