@@ -13,6 +13,7 @@ from .danet import DANet
 from .deeplabv3plus import DeepLabV3Plus
 from .dfdam import DFDAM
 from .fcn import FCN8s
+from .jointseg import JointSeg, JointSegEncoder
 from .taps import TapInfo, TappedNetwork, run_taps
 from .unet import UNet
 
@@ -22,6 +23,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "deeplabv3plus": DeepLabV3Plus,
     "dfdam": DFDAM,
     "fcn8s": FCN8s,
+    "jointseg": JointSeg,
     "unet": UNet,
 }
 
@@ -51,6 +53,8 @@ __all__ = [
     "DANet",
     "DeepLabV3Plus",
     "FCN8s",
+    "JointSeg",
+    "JointSegEncoder",
     "Link",
     "PretrainedWeightsError",
     "TapInfo",

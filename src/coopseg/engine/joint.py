@@ -1,0 +1,580 @@
+"""JointSeg's cooperative training: two agents, two optimizers, one shared encoder.
+
+Every iteration the classifier agent takes one step on a classification batch
+(``joint.cls_batch_ratio`` x ``data.batch_size`` images with labels, no masks) with its
+optimizer over M ∪ C at ``joint.cls_lr_ratio`` x ``train.lr``; then the segmentation
+agent takes one step on a segmentation batch (``data.batch_size`` images with masks)
+with its optimizer over M ∪ S at ``train.lr``. The shared encoder M is therefore moved
+by both, at their own rates and with their own momentum. Both use ``train.optimizer``
+(SGD with ``train.nesterov``: the paper's Nesterov momentum) and the poly schedule.
+
+Everything else is the regular engine's: iteration-indexed batches (resume and DDP see
+the same samples), SegmentationLoss for the segmenter, ``evaluate`` for mIoU, AMP via
+autocast (one GradScaler per agent for fp16), atomic ``last.pt`` checkpoints holding
+both optimizers, schedulers and scalers. The classifier is evaluated on the validation
+scenes' clean labels: top-1, top-2 and binary (normal vs abnormal) accuracy.
+
+``JointTrainer(cfg, model=..., tasks=...)`` also runs the bench's baselines with the
+same loop: ``tasks=("seg",)`` trains any segmentation model (e.g. U-Net on a JointSeg
+encoder) with the segmenter's optimizer alone; ``tasks=("cls",)`` trains a JointSeg's
+encoder + classifier node alone (a plain classifier of the same encoder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from ..config import Config, ConfigError, model_kwargs
+from ..data import FashionScenes, SeededAugmentation, build_dataset, build_datasets
+from ..data.fashionscenes import build_fashionscenes
+from ..data.joint import (
+    ClassificationScenes,
+    binary_labels,
+    noisy_labels,
+    num_cls_classes,
+    scene_class_labels,
+)
+from ..data.sampling import TrainBatchSampler, shard_indices
+from ..data.transforms import train_transform
+from ..models import create_model
+from .checkpoint import (
+    load_training_state,
+    rng_state,
+    save_training_state,
+    save_weights,
+    set_rng_state,
+)
+from .distributed import DistInfo, all_reduce_sum, init_distributed
+from .evaluate import amp_dtype, autocast_context, check_class_count, evaluate
+from .logging import RunLogger
+from .loss import SegmentationLoss
+from .metrics import SegMetrics
+from .train import TrainingError, build_optimizer, dataset_info, poly_lambda
+
+AGENTS = ("cls", "seg")
+CLS_SEED_OFFSET = 7919  # the classifier's batch stream differs from the segmenter's
+
+
+def check_joint(cfg: Config) -> None:
+    """Ranges of the ``joint`` section the schema cannot express; errors name the key."""
+    j = cfg.joint
+    if j.cls_lr_ratio <= 0:
+        raise ConfigError(f"joint.cls_lr_ratio: expected > 0, got {j.cls_lr_ratio}")
+    if j.cls_batch_ratio < 1:
+        raise ConfigError(f"joint.cls_batch_ratio: expected >= 1, got {j.cls_batch_ratio}")
+    if not 0.0 <= j.cls_label_noise <= 1.0:
+        raise ConfigError(f"joint.cls_label_noise: expected in [0, 1], got {j.cls_label_noise}")
+    if j.cls_scenes < 1:
+        raise ConfigError(f"joint.cls_scenes: expected >= 1, got {j.cls_scenes}")
+    if cfg.data.dataset != "fashionscenes":
+        raise ConfigError(
+            f"joint: classifier labels are derived from FashionScenes scenes; data.dataset "
+            f"{cfg.data.dataset!r} has no image-level labels"
+        )
+
+
+# -- classifier evaluation ---------------------------------------------------------
+@torch.no_grad()
+def evaluate_classifier(
+    model: nn.Module,
+    dataset: Dataset,
+    binary_normal: list[int],
+    *,
+    dist: DistInfo,
+    batch_size: int = 16,
+    amp: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Top-1, top-2 and binary accuracy (fractions) of ``model(x, task="cls")["cls"]``.
+
+    Binary: a sample is predicted normal when the softmax mass on the ``binary_normal``
+    labels is at least one half, and compared with its label's normal/abnormal group.
+    With DDP each rank takes a shard and the counts are summed.
+    """
+    was_training = model.training
+    model.eval()
+    device = dist.device
+    shard = Subset(dataset, shard_indices(len(dataset), dist.rank, dist.world_size))
+    loader = DataLoader(shard, batch_size=batch_size, generator=torch.Generator())
+    counts = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top2, binary, n
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with autocast_context(device, amp):
+            logits = model(images, task="cls")["cls"].float()
+        k = min(2, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        probs = logits.softmax(1)
+        normal = torch.zeros(logits.shape[1], dtype=torch.bool, device=device)
+        normal[[c for c in binary_normal if 0 <= c < logits.shape[1]]] = True
+        pred_abnormal = probs[:, normal].sum(1) < 0.5
+        true_abnormal = torch.as_tensor(binary_labels(labels, binary_normal), device=device)
+        counts[0] += (top[:, 0] == labels).sum()
+        counts[1] += (top == labels[:, None]).any(1).sum()
+        counts[2] += (pred_abnormal.long() == true_abnormal).sum()
+        counts[3] += len(labels)
+    all_reduce_sum(counts)
+    model.train(was_training)
+    n = max(float(counts[3]), 1.0)
+    return {
+        "top1": float(counts[0]) / n,
+        "top2": float(counts[1]) / n,
+        "binary": float(counts[2]) / n,
+        "samples": int(counts[3]),
+    }
+
+
+def classifier_val_set(cfg: Config, val_set: FashionScenes) -> ClassificationScenes:
+    """The validation scenes with their clean classifier labels."""
+    return ClassificationScenes(val_set, scene_class_labels(val_set, cfg.joint.cls_label))
+
+
+def format_cls_table(metrics: dict[str, float], title: str | None = None) -> str:
+    rows = [("Top-1 %", metrics["top1"]), ("Top-2 %", metrics["top2"])]
+    rows.append(("Binary %", metrics["binary"]))
+    lines = [title] if title else []
+    lines += ["Classifier   Acc", "-----------  ------"]
+    lines += [f"{name:<11}  {100 * v:6.2f}" for name, v in rows]
+    return "\n".join(lines)
+
+
+def evaluate_classifier_checkpoint(
+    cfg: Config, model: nn.Module, json_path: Path | None = None
+) -> dict[str, float]:
+    """``coopseg eval`` for a JointSeg checkpoint's classifier: print, and add the metrics
+    under ``"classifier"`` to the JSON report the segmentation evaluation wrote."""
+    dist = init_distributed(cfg.device)
+    val_set = build_dataset(cfg.data, "val")
+    metrics = evaluate_classifier(
+        model.to(dist.device),
+        classifier_val_set(cfg, val_set),
+        cfg.joint.binary_normal,
+        dist=dist,
+        batch_size=cfg.data.val_batch_size,
+        amp=amp_dtype(cfg.train.amp, dist.device),
+    )
+    if dist.is_main:
+        title = f"{cfg.name}: classifier ({cfg.joint.cls_label} labels, {len(val_set)} scenes)"
+        print(format_cls_table(metrics, title))
+        if json_path is not None:
+            report = json.loads(json_path.read_text()) if json_path.is_file() else {}
+            report["classifier"] = {
+                **metrics,
+                "label": cfg.joint.cls_label,
+                "binary_normal": cfg.joint.binary_normal,
+            }
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(report, indent=2))
+    return metrics
+
+
+# -- the trainer --------------------------------------------------------------------
+@dataclass
+class JointResult:
+    run_dir: Path
+    iteration: int
+    best_miou: float
+    best_iteration: int
+    last_metrics: SegMetrics | None
+    last_cls: dict[str, float] | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class JointTrainer:
+    """Two agents over one shared encoder, each with its own optimizer (module doc)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        resume: bool = False,
+        show_progress: bool = True,
+        model: nn.Module | None = None,
+        tasks: tuple[str, ...] = AGENTS,
+    ) -> None:
+        check_joint(cfg)
+        if not tasks or set(tasks) - set(AGENTS):
+            raise ValueError(f"tasks must be a non-empty subset of {AGENTS}, got {tasks}")
+        self.cfg, self.tasks = cfg, tuple(t for t in AGENTS if t in tasks)
+        self.dist: DistInfo = init_distributed(cfg.device)
+        self.device = self.dist.device
+        self.run_dir = cfg.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.show_progress = show_progress and self.dist.is_main
+        torch.manual_seed(cfg.seed)
+        t, j = cfg.train, cfg.joint
+
+        self.train_set, self.val_set = build_datasets(cfg.data)
+        check_class_count(cfg, self.train_set)
+        self.info = dataset_info(self.train_set)
+        self.num_cls_classes = num_cls_classes(j.cls_label)
+        self.cls_set, self.noisy_indices = self._classifier_data()
+        self.cls_val_set = classifier_val_set(cfg, self.val_set)
+
+        self.custom_model = model is not None
+        if model is None:
+            arch, kwargs = model_kwargs(cfg.model)
+            if arch != "jointseg":
+                raise ConfigError(f"JointTrainer trains model.arch jointseg, not {arch!r}")
+            model = create_model(arch, **kwargs)
+        self.joint_model = hasattr(model, "agent_parameters")
+        if "cls" in self.tasks:
+            if not self.joint_model:
+                raise ValueError("a classifier agent needs a model with agent_parameters()")
+            if getattr(model, "num_cls_classes", None) != self.num_cls_classes:
+                raise ConfigError(
+                    f"model.num_cls_classes is {getattr(model, 'num_cls_classes', None)} but "
+                    f"joint.cls_label {j.cls_label!r} has {self.num_cls_classes} classes"
+                )
+        model = model.to(self.device)
+        self.channels_last = t.channels_last
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.dist.distributed and self.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
+        self.ddp_model: nn.Module = (
+            DistributedDataParallel(
+                model,
+                device_ids=[self.device] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,  # each agent's pass leaves the other's part idle
+            )
+            if self.dist.distributed
+            else model
+        )
+        aux = dict(getattr(model, "default_aux_weights", {}))
+        aux.update(t.aux_weights)
+        self.criterion = SegmentationLoss(
+            aux,
+            world_size=self.dist.world_size,
+            class_weights=t.class_weights,
+            ohem_thresh=t.ohem_thresh,
+            ohem_min_kept=t.ohem_min_kept,
+        )
+        self.amp_dtype = amp_dtype(t.amp, self.device)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
+        self.scalers: dict[str, torch.amp.GradScaler] = {}
+        for agent in self.tasks:
+            params = model.agent_parameters(agent) if self.joint_model else list(model.parameters())
+            settings = dataclasses.replace(t, lr=self.agent_lr(agent))
+            if agent == "cls" and j.cls_weight_decay is not None:
+                settings = dataclasses.replace(settings, weight_decay=j.cls_weight_decay)
+            optimizer = build_optimizer(nn.ParameterList(params), settings)
+            self.optimizers[agent] = optimizer
+            self.schedulers[agent] = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, poly_lambda(t.iterations, t.poly_power)
+            )
+            self.scalers[agent] = torch.amp.GradScaler(
+                self.device.type, enabled=self.amp_dtype == torch.float16
+            )
+        self.iteration = 0
+        self.best_miou = -1.0
+        self.best_iteration = 0
+        self.history: list[dict[str, Any]] = []
+        if resume:
+            self._restore(load_training_state(self.ckpt_dir / "last.pt"))
+        elif (self.ckpt_dir / "last.pt").exists():
+            raise TrainingError(
+                f"{self.run_dir} already holds a run; pass --resume to continue it, "
+                "or choose another name (--set name=...) or out_dir"
+            )
+
+    def agent_lr(self, agent: str) -> float:
+        """The base lr of an agent: ``train.lr``, times ``joint.cls_lr_ratio`` for C."""
+        return self.cfg.train.lr * (self.cfg.joint.cls_lr_ratio if agent == "cls" else 1.0)
+
+    @property
+    def cls_batch_size(self) -> int:
+        return self.cfg.data.batch_size * self.cfg.joint.cls_batch_ratio
+
+    def _classifier_data(self) -> tuple[ClassificationScenes, Any]:
+        """Scenes for the classifier (no crop or rescale, so the label stays true),
+        with ``joint.cls_label_noise`` of their labels replaced by random ones."""
+        d, j = self.cfg.data, self.cfg.joint
+        size = d.scene_size
+        transform = train_transform([size, size], [1.0, 1.0], d.hflip, d.mean, d.std)
+        if j.cls_data == "train":
+            root = Path(self.train_set.root)
+        else:
+            root = build_fashionscenes(
+                None,
+                size=size,
+                train=j.cls_scenes,
+                val=1,
+                seed=j.cls_scene_seed,
+                source=Path(d.source) if d.source else None,
+            )
+        scenes = FashionScenes(root, "train", transform)
+        clean = scene_class_labels(scenes, j.cls_label)
+        labels, replaced = noisy_labels(
+            clean, j.cls_label_noise, self.num_cls_classes, self.cfg.seed
+        )
+        return ClassificationScenes(scenes, labels), replaced
+
+    # -- state -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "tasks": list(self.tasks),
+            "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
+            "schedulers": {k: v.state_dict() for k, v in self.schedulers.items()},
+            "scalers": {k: v.state_dict() for k, v in self.scalers.items()},
+            "iteration": self.iteration,
+            "best_miou": self.best_miou,
+            "best_iteration": self.best_iteration,
+            "history": self.history,
+            "rng": rng_state(),
+            "config": self.cfg.to_dict(),
+            "info": self.info,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        last = self.ckpt_dir / "last.pt"
+        saved = state["config"]
+        for section in ("model", "joint"):
+            mine = self.cfg.to_dict()[section]
+            if saved.get(section) != mine:
+                raise TrainingError(
+                    f"cannot resume {last}: its {section} section {saved.get(section)} "
+                    f"differs from the config's {mine}"
+                )
+        if tuple(state.get("tasks", ())) != self.tasks:
+            raise TrainingError(f"cannot resume {last}: it trained agents {state.get('tasks')}")
+        self.model.load_state_dict(state["model"])
+        for agent in self.tasks:
+            self.optimizers[agent].load_state_dict(state["optimizers"][agent])
+            self.schedulers[agent].load_state_dict(state["schedulers"][agent])
+            self.scalers[agent].load_state_dict(state["scalers"][agent])
+        self.iteration = state["iteration"]
+        self.best_miou = state["best_miou"]
+        self.best_iteration = state["best_iteration"]
+        self.history = state.get("history", [])
+        set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> None:
+        if self.dist.is_main:
+            save_training_state(self.ckpt_dir / "last.pt", self.state_dict())
+
+    # -- loop --------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, batch: int, seed: int, key: str) -> DataLoader:
+        try:
+            sampler = TrainBatchSampler(
+                len(dataset),  # type: ignore[arg-type]
+                batch,
+                seed=seed,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                start_iteration=self.iteration,
+            )
+        except ValueError as err:
+            raise ConfigError(f"{key}: {err}") from err
+        workers = self.cfg.data.num_workers
+        return DataLoader(
+            SeededAugmentation(dataset),
+            batch_sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+            generator=torch.Generator(),  # keep the global RNG untouched (resume equality)
+        )
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def _update(self, agent: str, loss: torch.Tensor) -> None:
+        optimizer, scaler = self.optimizers[agent], self.scalers[agent]
+        optimizer.zero_grad(set_to_none=True)  # also clears the other agent's grads on M
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        self.schedulers[agent].step()
+
+    def cls_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One classifier-agent step: M ∪ C move, S does not."""
+        images, labels = self._prepare(images), labels.to(self.device, non_blocking=True)
+        with autocast_context(self.device, self.amp_dtype):
+            logits = self.ddp_model(images, task="cls")["cls"]
+        loss = F.cross_entropy(logits.float(), labels)
+        self._update("cls", loss)
+        return {"loss_cls": loss.detach()}
+
+    def seg_step(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One segmentation-agent step: M ∪ S move, C does not."""
+        images, masks = self._prepare(images), masks.to(self.device, non_blocking=True)
+        with autocast_context(self.device, self.amp_dtype):
+            outputs = (
+                self.ddp_model(images, task="seg") if self.joint_model else self.ddp_model(images)
+            )
+        outputs = {k: v for k, v in outputs.items() if k != "cls"}
+        loss, parts = self.criterion(outputs, masks)
+        self._update("seg", loss)
+        return {"loss_seg": loss.detach(), **{f"loss_seg_{k}": v for k, v in parts.items()}}
+
+    def validate(self) -> tuple[SegMetrics | None, dict[str, float] | None]:
+        seg = cls = None
+        d = self.cfg.data
+        if "seg" in self.tasks:
+            seg = evaluate(
+                self.model,
+                self.val_set,
+                self.train_set.num_classes,
+                dist=self.dist,
+                batch_size=d.val_batch_size,
+                scales=self.cfg.eval.scales,
+                flip=self.cfg.eval.flip,
+                amp_dtype=self.amp_dtype,
+                num_workers=d.num_workers,
+                channels_last=self.channels_last,
+            )
+        if "cls" in self.tasks:
+            cls = evaluate_classifier(
+                self.model,
+                self.cls_val_set,
+                self.cfg.joint.binary_normal,
+                dist=self.dist,
+                batch_size=d.val_batch_size,
+                amp=self.amp_dtype,
+            )
+        return seg, cls
+
+    def train(self) -> JointResult:
+        cfg, t = self.cfg, self.cfg.train
+        logger = RunLogger(self.run_dir, enabled=self.dist.is_main)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        last_seg: SegMetrics | None = None
+        last_cls: dict[str, float] | None = None
+        start_time = time.perf_counter()
+        bar = tqdm(
+            total=t.iterations,
+            initial=self.iteration,
+            disable=not self.show_progress,
+            dynamic_ncols=True,
+            desc=cfg.name,
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,
+        )
+        streams = {}
+        if "cls" in self.tasks:
+            seed = cfg.seed + CLS_SEED_OFFSET
+            streams["cls"] = iter(
+                self._loader(self.cls_set, self.cls_batch_size, seed, "joint.cls_batch_ratio")
+            )
+        if "seg" in self.tasks:
+            loader = self._loader(self.train_set, cfg.data.batch_size, cfg.seed, "data.batch_size")
+            streams["seg"] = iter(loader)
+        try:
+            while self.iteration < t.iterations:
+                values: dict[str, torch.Tensor] = {}
+                if "cls" in streams:
+                    values |= self.cls_step(*next(streams["cls"]))
+                if "seg" in streams:
+                    values |= self.seg_step(*next(streams["seg"]))
+                self.iteration += 1
+                it = self.iteration
+                if it % t.log_interval == 0 or it == t.iterations:
+                    reduced = {
+                        k: float(all_reduce_sum(v.clone()) / self.dist.world_size)
+                        for k, v in values.items()
+                    }
+                    bad = [k for k, v in reduced.items() if not math.isfinite(v)]
+                    if bad:
+                        raise TrainingError(
+                            f"{bad[0]} became {reduced[bad[0]]} at iteration {it}; lower "
+                            "train.lr (or joint.cls_lr_ratio) or turn off train.amp"
+                        )
+                    lrs = {f"lr_{a}": s.get_last_lr()[0] for a, s in self.schedulers.items()}
+                    logger.log(it, "train", {**reduced, **lrs})
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in reduced.items()}, refresh=False)
+                bar.update(1)
+                out_of_time = False
+                if t.max_time_s > 0:  # every rank takes part; rank 0's clock decides
+                    late = self.dist.is_main and time.perf_counter() - start_time > t.max_time_s
+                    flag = torch.tensor([float(late)], device=self.device)
+                    out_of_time = bool(all_reduce_sum(flag).item() > 0)
+                finished = it == t.iterations or out_of_time
+                if (t.val_interval and it % t.val_interval == 0) or finished:
+                    last_seg, last_cls = self.validate()
+                    record: dict[str, float] = {}
+                    if last_seg is not None:
+                        record |= {"miou": last_seg.miou, "pixel_acc": last_seg.pixel_acc}
+                    if last_cls is not None:
+                        record |= {f"cls_{k}": float(v) for k, v in last_cls.items()}
+                    logger.log(it, "val", record)
+                    self.history.append({"iteration": it, **record})
+                    if last_seg is not None and last_seg.miou > self.best_miou:
+                        self.best_miou, self.best_iteration = last_seg.miou, it
+                        if self.dist.is_main and not self.custom_model:
+                            save_weights(
+                                self.ckpt_dir / "best.safetensors",
+                                self.model,
+                                cfg,
+                                {**self.info, "iteration": it, "miou": last_seg.miou},
+                            )
+                    shown = ", ".join(f"{k} {v:.3f}" for k, v in record.items())
+                    bar.write(f"[{cfg.name}] iteration {it}: {shown}")
+                if finished or (t.checkpoint_interval and it % t.checkpoint_interval == 0):
+                    self.save_checkpoint()
+                if out_of_time:
+                    bar.write(
+                        f"[{cfg.name}] train.max_time_s={t.max_time_s} reached at "
+                        f"iteration {it}; stopping (resumable with --resume)"
+                    )
+                    break
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            bar.write(
+                f"[{cfg.name}] interrupted at iteration {self.iteration}; checkpoint "
+                f"saved to {self.ckpt_dir / 'last.pt'}; continue with --resume"
+            )
+            raise
+        finally:
+            bar.close()
+            logger.close()
+        if self.dist.is_main and not self.custom_model:
+            save_weights(
+                self.ckpt_dir / "final.safetensors",
+                self.model,
+                cfg,
+                {**self.info, "iteration": self.iteration},
+            )
+        return JointResult(
+            self.run_dir,
+            self.iteration,
+            self.best_miou,
+            self.best_iteration,
+            last_seg,
+            last_cls,
+            self.history,
+        )
+
+
+def train_joint(cfg: Config, *, resume: bool = False, show_progress: bool = True) -> JointResult:
+    """Train a JointSeg config; with ``resume`` continue from ``checkpoints/last.pt``."""
+    return JointTrainer(cfg, resume=resume, show_progress=show_progress).train()
+
+
+__all__ = [
+    "JointResult",
+    "JointTrainer",
+    "check_joint",
+    "evaluate_classifier",
+    "evaluate_classifier_checkpoint",
+    "train_joint",
+]
