@@ -52,11 +52,33 @@ def tiny_config(root: Path, out_dir: Path, **sections: Any) -> Config:
         "train": {"iterations": 6, "val_interval": 3, "checkpoint_interval": 3, "log_interval": 1},
     }
     for key, value in sections.items():
-        if isinstance(value, dict):
+        if key == "model" and isinstance(value, dict) and "arch" in value:
+            raw[key] = value  # another architecture: its own section, not a merge
+        elif isinstance(value, dict):
             raw[key] = {**raw.get(key, {}), **value}
         else:
             raw[key] = value
     return config_from_dict(raw)
+
+
+TINY_MEMBER = {
+    "arch": "deeplabv3plus",
+    "backbone": "resnet18",
+    "aspp_channels": 16,
+    "decoder_channels": 16,
+    "low_level_channels": 8,
+}
+
+
+def tiny_cooperative(preset: str = "cross", **extra: Any) -> dict[str, Any]:
+    """The model section of a tiny cooperative pair (FashionScenes' 11 classes)."""
+    return {
+        "arch": "cooperative",
+        "preset": preset,
+        "num_classes": 11,
+        "members": [dict(TINY_MEMBER), dict(TINY_MEMBER)],
+        **extra,
+    }
 
 
 @pytest.fixture

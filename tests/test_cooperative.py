@@ -148,3 +148,75 @@ def test_config_checks_member_sections() -> None:
     raw = {"model": {"arch": "cooperative", "members": [MEMBER], "preset": "cross", "links": [1]}}
     with pytest.raises(ConfigError, match=r"model\.links\[0\]"):
         config_from_dict(raw)
+
+
+DANET = {"arch": "danet", "backbone": "resnet18", "head_channels": 32, "dropout": 0.0}
+
+
+def test_danet_links_stay_inside_their_stream(image) -> None:
+    for preset in ("oneway-same", "oneway-multiple", "cross"):
+        model = create_model("cooperative", members=[DANET, DANET], preset=preset, num_classes=3)
+        taps = model.members["top"].tap_info
+        for link in model.links:
+            groups = {taps[e.partition(".")[2]].group for e in (*link.sources, link.target)}
+            assert len(groups - {None}) <= 1, (preset, link)
+    multiple = create_model("cooperative", members=[DANET, DANET], preset="oneway-multiple")
+    targets = sorted(link.target for link in multiple.links)
+    assert targets == ["bottom.channel.attention", "bottom.fusion", "bottom.position.attention"]
+    out = multiple.train()(image)
+    assert {"top.aux_position", "bottom.aux_channel"} <= set(out)
+    assert multiple.default_aux_weights["bottom.aux_position"] == 1.0
+    bad = [{"from": "top.position.reduce", "to": "bottom.channel.reduce"}]
+    with pytest.raises(ValueError, match="different streams"):
+        create_model("cooperative", members=[DANET, DANET], preset="custom", links=bad)
+
+
+def test_evaluation_reports_fused_and_every_member(tiny_scenes) -> None:
+    from coopseg.data import FashionScenes, eval_transform
+    from coopseg.engine.distributed import init_distributed
+    from coopseg.engine.evaluate import evaluate, evaluate_outputs
+
+    model = create_model("cooperative", members=[MEMBER] * 2, preset="cross", num_classes=11)
+    val = FashionScenes(tiny_scenes, "val", eval_transform([0.5] * 3, [0.25] * 3))
+    dist = init_distributed("cpu")
+    metrics = evaluate_outputs(model, val, 11, dist=dist, batch_size=8)
+    assert list(metrics) == ["fused", "top", "bottom"]
+    fused = evaluate(model, val, 11, dist=dist, batch_size=8)
+    assert fused.miou == metrics["fused"].miou
+    # The member columns are the members' own predictions, checked by hand on one batch.
+    images, masks = next(iter(torch.utils.data.DataLoader(val, batch_size=16)))
+    with torch.no_grad():
+        top = model.eval()(images)["top.out"].argmax(1)
+    valid = masks != 255
+    correct = (top[valid] == masks[valid]).sum().item() / valid.sum().item()
+    assert abs(metrics["top"].pixel_acc - correct) < 1e-9
+
+
+def test_profile_breaks_down_members_and_links() -> None:
+    from coopseg.engine.profile import cooperative_breakdown, count_macs, count_params
+
+    model = coop("oneway-same")
+    parts = cooperative_breakdown(model, (64, 64))
+    kwargs = {k: v for k, v in MEMBER.items() if k != "arch"}
+    alone = create_model("deeplabv3plus", num_classes=3, **kwargs)
+    assert parts["members"]["top"]["alone_params_m"] == count_params(alone) / 1e6
+    assert abs(parts["members"]["top"]["alone_gmacs"] - count_macs(alone, (64, 64)) / 1e9) < 1e-9
+    # The top member only sends: as built it is exactly the network alone.
+    assert parts["members"]["top"]["params_m"] == parts["members"]["top"]["alone_params_m"]
+    total = parts["total"]
+    summed = sum(m["gmacs"] for m in parts["members"].values())
+    assert abs(summed - total["gmacs"]) < 1e-9  # no-reduce links compute nothing themselves
+    links = parts["links"]
+    assert links["params_m"] > 0 and links["gmacs"] > 0
+    assert abs(total["params_m"] - links["params_m"] - 2 * count_params(alone) / 1e6) < 1e-9
+
+
+def test_unprefixed_aux_weight_applies_to_every_member(make_config) -> None:
+    from coopseg.engine.train import Trainer
+
+    model = {"arch": "cooperative", "preset": "ensemble", "num_classes": 11}
+    model["members"] = [{**DANET}, {**DANET}]
+    cfg = make_config(name="aux", model=model, train={"aux_weights": {"aux_position": 0.25}})
+    weights = Trainer(cfg, show_progress=False).criterion.aux_weights
+    assert weights["top.aux_position"] == weights["bottom.aux_position"] == 0.25
+    assert weights["top.aux_channel"] == 1.0

@@ -7,7 +7,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
+
+from .conftest import tiny_cooperative
 
 SCRIPT = textwrap.dedent(
     """
@@ -33,12 +36,24 @@ def _run(args: list[str], tmp_path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def test_ddp_two_processes_equal_single_process(tmp_path, make_config) -> None:
+@pytest.mark.parametrize("cooperative", [False, True], ids=["single", "cross-pair"])
+def test_ddp_two_processes_equal_single_process(tmp_path, make_config, cooperative) -> None:
     script = tmp_path / "train_and_dump.py"
     script.write_text(SCRIPT)
+    model = {"freeze_bn": True, "dropout": 0.0}
+    if cooperative:  # members with their own dropout 0 and frozen BN, linked both ways
+        model = tiny_cooperative("cross", freeze_bn=True)
+        for member in model["members"]:
+            member["dropout"] = 0.0
     common = {
-        "model": {"freeze_bn": True, "dropout": 0.0},
-        "train": {"iterations": 4, "val_interval": 0, "checkpoint_interval": 0, "lr": 0.05},
+        "model": model,
+        # Frozen random-init BN does not normalise: the wider cross pair needs a lower lr.
+        "train": {
+            "iterations": 4,
+            "val_interval": 0,
+            "checkpoint_interval": 0,
+            "lr": 0.005 if cooperative else 0.05,
+        },
     }
     single = make_config(name="single", **common)
     double = make_config(name="ddp", **common)

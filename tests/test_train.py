@@ -15,6 +15,8 @@ from coopseg.engine.distributed import init_distributed
 from coopseg.engine.evaluate import evaluate
 from coopseg.engine.train import Trainer, TrainingError, train
 
+from .conftest import tiny_cooperative
+
 
 def test_tiny_overfit_reaches_high_miou(tmp_path, make_config) -> None:
     root = build_fashionscenes(tmp_path / "eight", size=64, train=8, val=8, seed=3)
@@ -50,15 +52,17 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_resume_equals_uninterrupted_run(make_config) -> None:
-    straight = Trainer(make_config(name="straight"), show_progress=False)
+@pytest.mark.parametrize("cooperative", [False, True], ids=["single", "cross-pair"])
+def test_resume_equals_uninterrupted_run(make_config, cooperative) -> None:
+    model = {"model": tiny_cooperative("cross")} if cooperative else {}
+    straight = Trainer(make_config(name="straight", **model), show_progress=False)
     straight.train()
 
-    cfg = make_config(name="resumed", train={"iterations": 6, "max_time_s": 1e-9})
+    cfg = make_config(name="resumed", train={"iterations": 6, "max_time_s": 1e-9}, **model)
     first = Trainer(cfg, show_progress=False)
     first_result = first.train()  # stops after one iteration (time budget), checkpointed
     assert first_result.iteration == 1
-    resumed = Trainer(make_config(name="resumed"), resume=True, show_progress=False)
+    resumed = Trainer(make_config(name="resumed", **model), resume=True, show_progress=False)
     assert resumed.iteration == 1
     result = resumed.train()
     assert result.iteration == 6

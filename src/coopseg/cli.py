@@ -107,7 +107,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .engine.train import train
 
     cfg = _load(args)
-    result = train(cfg, resume=args.resume)
+    if cfg.model.get("arch") == "jointseg":  # two agents, two optimizers: its own trainer
+        from .engine.joint import train_joint
+
+        result = train_joint(cfg, resume=args.resume)
+    else:
+        result = train(cfg, resume=args.resume)
     if result.last_metrics is not None and int(os.environ.get("RANK", "0")) == 0:
         print(
             f"done: {result.iteration} iterations, best val mIoU "
@@ -148,6 +153,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     saved = Path(args.save_predictions) if args.save_predictions else None
     evaluate_checkpoint(cfg, model, args.checkpoint, json_path, save_predictions=saved)
+    if cfg.model.get("arch") == "jointseg":  # its classifier agent: top-1/top-2/binary
+        from .engine.joint import evaluate_classifier_checkpoint
+
+        evaluate_classifier_checkpoint(cfg, model, json_path)
     return 0
 
 
@@ -191,12 +200,27 @@ def cmd_profile(args: argparse.Namespace) -> int:
         model, (height, width), batch=args.batch, device=args.device, latency=not args.no_latency
     )
     result = {"arch": arch, "backbone": kwargs.get("backbone"), **result}
+    if arch == "cooperative":
+        from .engine.profile import cooperative_breakdown
+
+        result["cooperative"] = cooperative_breakdown(model, (height, width))
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{arch} ({kwargs.get('backbone')}), input 3x{height}x{width}")
         print(f"  parameters: {result['params_m']:.2f} M")
         print(f"  GMACs:      {result['gmacs']:.2f}  (multiply-accumulates, the papers' GFLOPs)")
+        for name, part in result.get("cooperative", {}).get("members", {}).items():
+            print(
+                f"  member {name}: {part['params_m']:.2f} M params, {part['gmacs']:.2f} GMACs "
+                f"(alone: {part['alone_params_m']:.2f} M, {part['alone_gmacs']:.2f} GMACs)"
+            )
+        if "cooperative" in result:
+            links = result["cooperative"]["links"]
+            print(
+                f"  {links['count']} links add {links['params_m']:.2f} M params, "
+                f"{links['gmacs']:.2f} GMACs (widened receiving layers + reduction convs)"
+            )
         if "latency_ms" in result:
             print(f"  latency:    {result['latency_ms']:.1f} ms (batch {args.batch}, median)")
     return 0

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from ..config import Config, config_from_dict
-from ..engine.evaluate import evaluate_outputs
 from ..engine.profile import count_macs, count_params
 from ..engine.train import Trainer
 
@@ -88,9 +87,8 @@ def run_one(cfg: Config) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - start
-    model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
-    val_set = trainer.val_set
-    metrics = evaluate_outputs(model, val_set, val_set.num_classes, dist=trainer.dist)
+    model = trainer.model
+    metrics = trainer.output_metrics  # the final validation: fused and every member
     size = cfg.data.scene_size
     device = next(model.parameters()).device
     return {

@@ -100,6 +100,19 @@ def slide_window(eval_cfg: EvalConfig, default_crop: Sequence[int]) -> SlideWind
     )
 
 
+def segmentation_outputs(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The eval-mode outputs that are per-pixel class scores: ``"out"`` (the model's
+    prediction; a cooperative model's fused one) and each member's ``"<name>.out"``."""
+    return {k: v for k, v in outputs.items() if k == "out" or k.endswith(".out")}
+
+
+def output_label(key: str, keys: Sequence[str]) -> str:
+    """Column name in tables and JSON: ``fused``/member name when there are several."""
+    if key == "out":
+        return "fused" if len(keys) > 1 else "out"
+    return key.removesuffix(".out")
+
+
 def window_starts(length: int, crop: int, stride: int) -> list[int]:
     """Window origins along one axis: every ``stride`` pixels, the last flush with the border.
 
@@ -116,8 +129,9 @@ def slide_probs(
     images: torch.Tensor,
     window: SlideWindow,
     amp_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Softmax over the image from overlapping windows, averaged pixel-wise by a count map.
+) -> dict[str, torch.Tensor]:
+    """Softmax over the image from overlapping windows, averaged pixel-wise by a count map
+    (for every segmentation output of the model).
 
     An image smaller than the crop is zero-padded (the mean colour once normalised)
     at the bottom/right; the padded pixels' predictions are dropped, never averaged.
@@ -133,7 +147,7 @@ def slide_probs(
         for x in xs:
             count[y : y + ch, x : x + cw] += 1
     windows = [(i, y, x) for i in range(b) for y in ys for x in xs]
-    total: torch.Tensor | None = None
+    totals: dict[str, torch.Tensor] = {}
     ctx = autocast_context(images.device, amp_dtype)
     for start in range(0, len(windows), window.batch):
         group = windows[start : start + window.batch]
@@ -141,17 +155,19 @@ def slide_probs(
         if channels_last:
             crops = crops.contiguous(memory_format=torch.channels_last)
         with ctx:
-            logits = model(crops)["out"].float()
-        if logits.shape[-2:] != (ch, cw):
-            logits = F.interpolate(logits, size=(ch, cw), mode="bilinear", align_corners=False)
-        probs = logits.softmax(1)
-        if total is None:
-            total = probs.new_zeros((b, probs.shape[1], h, w))
-        for p, (i, y, x) in zip(probs, group, strict=True):
-            vh, vw = min(ch, h - y), min(cw, w - x)  # the part inside the image
-            total[i, :, y : y + vh, x : x + vw] += p[:, :vh, :vw]
-    assert total is not None
-    return total / count
+            outputs = segmentation_outputs(model(crops))
+        for key, logits in outputs.items():
+            logits = logits.float()
+            if logits.shape[-2:] != (ch, cw):
+                logits = F.interpolate(logits, size=(ch, cw), mode="bilinear", align_corners=False)
+            probs = logits.softmax(1)
+            if key not in totals:
+                totals[key] = probs.new_zeros((b, probs.shape[1], h, w))
+            total = totals[key]
+            for p, (i, y, x) in zip(probs, group, strict=True):
+                vh, vw = min(ch, h - y), min(cw, w - x)  # the part inside the image
+                total[i, :, y : y + vh, x : x + vw] += p[:, :vh, :vw]
+    return {key: total / count for key, total in totals.items()}
 
 
 @torch.no_grad()
@@ -170,12 +186,27 @@ def predict_probs(
     (and flipped) view is covered by windows (:func:`slide_probs`), and its
     probabilities are resized to the input size before averaging.
     """
+    return predict_outputs(model, images, scales, flip, amp_dtype, slide)["out"]
+
+
+@torch.no_grad()
+def predict_outputs(
+    model: nn.Module,
+    images: torch.Tensor,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    amp_dtype: torch.dtype | None = None,
+    slide: SlideWindow | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`predict_probs` for every segmentation output at once (a cooperative
+    model's fused and member outputs come from the same forward passes)."""
     size = images.shape[-2:]
     ctx = autocast_context(images.device, amp_dtype)
     if list(scales) == [1.0] and not flip and slide is None:
         with ctx:
-            return model(images)["out"].float()
-    total = None
+            outputs = segmentation_outputs(model(images))
+        return {key: value.float() for key, value in outputs.items()}
+    totals: dict[str, torch.Tensor] = {}
     for scale in scales:
         if scale == 1.0:
             scaled = images
@@ -186,21 +217,20 @@ def predict_probs(
         for flipped in views:
             inp = scaled.flip(-1) if flipped else scaled
             if slide is not None:
-                probs = slide_probs(model, inp, slide, amp_dtype)
-                if flipped:
-                    probs = probs.flip(-1)
-                if probs.shape[-2:] != size:
-                    probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+                view = slide_probs(model, inp, slide, amp_dtype)
             else:
                 with ctx:
-                    logits = model(inp)["out"].float()
+                    view = segmentation_outputs(model(inp))
+            for key, scores in view.items():
+                scores = scores.float()
                 if flipped:
-                    logits = logits.flip(-1)
-                if logits.shape[-2:] != size:
-                    logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-                probs = logits.softmax(1)
-            total = probs if total is None else total + probs
-    return total / (len(scales) * (2 if flip else 1))
+                    scores = scores.flip(-1)
+                if scores.shape[-2:] != size:
+                    scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+                probs = scores if slide is not None else scores.softmax(1)
+                totals[key] = probs if key not in totals else totals[key] + probs
+    views_total = len(scales) * (2 if flip else 1)
+    return {key: total / views_total for key, total in totals.items()}
 
 
 def collate_by_size(
@@ -238,7 +268,43 @@ def evaluate(
     slide: SlideWindow | None = None,
     on_batch: Callable[[torch.Tensor], None] | None = None,
 ) -> SegMetrics:
-    """mIoU and friends over ``dataset``; with DDP each rank takes a shard, then sums.
+    """mIoU and friends of the model's prediction over ``dataset`` (a cooperative
+    model: its fused output; :func:`evaluate_outputs` gives every output)."""
+    metrics = evaluate_outputs(
+        model,
+        dataset,
+        num_classes,
+        dist=dist,
+        batch_size=batch_size,
+        scales=scales,
+        flip=flip,
+        amp_dtype=amp_dtype,
+        num_workers=num_workers,
+        channels_last=channels_last,
+        slide=slide,
+        on_batch=on_batch,
+    )
+    return next(iter(metrics.values()))
+
+
+@torch.no_grad()
+def evaluate_outputs(
+    model: nn.Module,
+    dataset: Dataset,
+    num_classes: int,
+    *,
+    dist: DistInfo,
+    batch_size: int = 8,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    amp_dtype: torch.dtype | None = None,
+    num_workers: int = 0,
+    channels_last: bool = False,
+    slide: SlideWindow | None = None,
+    on_batch: Callable[[torch.Tensor], None] | None = None,
+) -> dict[str, SegMetrics]:
+    """Metrics of every segmentation output, keyed by :func:`output_label`, the model's
+    prediction first; with DDP each rank takes a shard, then sums.
 
     ``on_batch`` receives each predicted batch (class indices), e.g. to save them.
 
@@ -258,21 +324,34 @@ def evaluate(
         collate_fn=collate_by_size,
         generator=torch.Generator(),  # leave the global RNG alone (resume equality)
     )
-    cm = ConfusionMatrix(num_classes, device=device)
+    cms: dict[str, ConfusionMatrix] = {}
     for groups in loader:
         for images, masks in groups:
             images = images.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             masks = masks.to(device, non_blocking=True)
-            scores = predict_probs(model, images, scales, flip, amp_dtype, slide)
-            pred = scores.argmax(1)
-            cm.update(pred, masks)
-            if on_batch is not None:
-                on_batch(pred)
-    cm.all_reduce()
+            scores = predict_outputs(model, images, scales, flip, amp_dtype, slide)
+            for key, value in scores.items():
+                pred = value.argmax(1)
+                if key not in cms:
+                    cms[key] = ConfusionMatrix(num_classes, device=device)
+                cms[key].update(pred, masks)
+                if on_batch is not None and key == "out":
+                    on_batch(pred)
+    if not cms:  # an empty shard still takes part in the all-reduce
+        keys = segmentation_outputs(_probe_outputs(model, dataset, device))
+        cms = {key: ConfusionMatrix(num_classes, device=device) for key in keys}
+    for cm in cms.values():
+        cm.all_reduce()
     model.train(was_training)
-    return cm.compute()
+    keys = sorted(cms, key=lambda k: (k != "out", list(cms).index(k)))
+    return {output_label(k, keys): cms[k].compute() for k in keys}
+
+
+def _probe_outputs(model: nn.Module, dataset: Dataset, device: torch.device) -> dict:
+    image, _ = dataset[0]
+    return model(image[None].to(device))
 
 
 def evaluate_checkpoint(
@@ -295,7 +374,7 @@ def evaluate_checkpoint(
         shard = shard_indices(len(val_set), dist.rank, dist.world_size)
         writer = PredictionWriter(val_set, shard, save_predictions)
     slide = slide_window(cfg.eval, cfg.data.crop_size)
-    metrics = evaluate(
+    all_metrics = evaluate_outputs(
         model.to(dist.device),
         val_set,
         val_set.num_classes,
@@ -310,6 +389,7 @@ def evaluate_checkpoint(
     )
     if writer is not None:
         print(f"rank {dist.rank}: {len(writer.written)} predictions written to {save_predictions}")
+    metrics = next(iter(all_metrics.values()))
     report = {
         "checkpoint": str(checkpoint),
         "dataset": cfg.data.dataset,
@@ -319,9 +399,12 @@ def evaluate_checkpoint(
         **({"crop_size": list(slide.crop), "stride": list(slide.stride)} if slide else {}),
         **metrics.to_dict(val_set.class_names),
     }
+    if len(all_metrics) > 1:  # a cooperative model: fused and every member, as in the papers
+        report["outputs"] = {k: m.to_dict(val_set.class_names) for k, m in all_metrics.items()}
     if dist.is_main:
         title = f"{cfg.name}: {cfg.data.dataset} val ({len(val_set)} images)"
-        print(format_table(metrics, val_set.class_names, title=title))
+        shown = all_metrics if len(all_metrics) > 1 else metrics
+        print(format_table(shown, val_set.class_names, title=title))
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(report, indent=2))

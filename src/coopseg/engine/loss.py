@@ -85,10 +85,18 @@ class SegmentationLoss:
         total = pixel_weight.sum().to(torch.float32)
         return all_reduce_sum(total.clone()).clamp_min(floor) / self.world_size
 
+    def weight_of(self, name: str) -> float:
+        """``train.aux_weights`` by full name, else by its last part, so ``aux_context``
+        also sets ``top.aux_context`` and ``bottom.aux_context`` of a cooperative model."""
+        if name in self.aux_weights:
+            return self.aux_weights[name]
+        return self.aux_weights.get(name.rpartition(".")[2], 1.0)
+
     def __call__(
         self, outputs: Mapping[str, torch.Tensor], target: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        unknown = sorted(set(self.aux_weights) - set(outputs))
+        short = {name.rpartition(".")[2] for name in outputs}  # member outputs: "top.aux_x"
+        unknown = sorted(set(self.aux_weights) - set(outputs) - short)
         if unknown:
             raise KeyError(
                 f"train.aux_weights.{unknown[0]}: the model produces no output {unknown[0]!r} "
@@ -113,7 +121,7 @@ class SegmentationLoss:
         total = torch.zeros((), device=target.device)
         parts: dict[str, float] = {}
         for name, logits in outputs.items():
-            weight = 1.0 if name == "out" else self.aux_weights.get(name, 1.0)
+            weight = 1.0 if name == "out" else self.weight_of(name)
             if weight == 0.0:
                 continue
             if self.ohem_thresh is None:

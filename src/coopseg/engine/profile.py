@@ -22,7 +22,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_macs", "count_params", "measure_latency", "profile_model"]
+__all__ = [
+    "cooperative_breakdown",
+    "count_macs",
+    "count_params",
+    "measure_latency",
+    "profile_model",
+]
 
 DeviceLike = torch.device | str | None
 SizeLike = int | tuple[int, int] | list[int]
@@ -94,6 +100,68 @@ def count_macs(
         with counter:
             model(x)
     return counter.get_total_flops() // 2
+
+
+def _macs_by_module(model: nn.Module, hw: tuple[int, int], device: DeviceLike) -> dict[str, int]:
+    """MACs of one batch-1 pass per module path ("" = the whole model)."""
+    with _eval_on(model, device) as dev, torch.no_grad():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(_input(1, 3, hw, dev))
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    out = {}
+    for key, ops in counts.items():
+        if key == root or key.startswith(root + "."):
+            out[key[len(root) + 1 :]] = sum(ops.values()) // 2
+    return out
+
+
+def _subtree_macs(macs: dict[str, int], path: str) -> int:
+    """A module's MACs from its outermost counted submodules (a cooperative member runs
+    through ``forward_taps``, so no hook sees the member module itself)."""
+    if path in macs:
+        return macs[path]
+    prefix = path + "."
+    # The outermost counted modules under ``path``: those whose parent was not counted.
+    return sum(
+        v for k, v in macs.items() if k.startswith(prefix) and k.rpartition(".")[0] not in macs
+    )
+
+
+def cooperative_breakdown(model: nn.Module, input_size: SizeLike = (512, 512)) -> dict[str, Any]:
+    """Where a cooperative model's cost goes: each member as built (its receiving
+    layers widened), the same member alone (no links), and what the links add in
+    total (widening plus the links' own reduction convs)."""
+    from ..models import create_model
+
+    hw = _hw(input_size)
+    macs = _macs_by_module(model, hw, None)
+    members: dict[str, Any] = {}
+    alone_params = alone_macs = 0
+    for name, member in model.members.items():
+        spec = dict(model.member_specs[name])
+        arch = spec.pop("arch")
+        with torch.device("meta"):
+            alone = create_model(arch, **{**spec, "pretrained": False})
+        a_params, a_macs = count_params(alone), _macs_by_module(alone, hw, "meta").get("", 0)
+        alone_params, alone_macs = alone_params + a_params, alone_macs + a_macs
+        members[name] = {
+            "params_m": count_params(member) / 1e6,
+            "gmacs": _subtree_macs(macs, f"members.{name}") / 1e9,
+            "alone_params_m": a_params / 1e6,
+            "alone_gmacs": a_macs / 1e9,
+        }
+    total_params, total_macs = count_params(model), macs.get("", 0)
+    return {
+        "members": members,
+        "links": {
+            "count": len(model.links),
+            "params_m": (total_params - alone_params) / 1e6,
+            "gmacs": (total_macs - alone_macs) / 1e9,
+        },
+        "total": {"params_m": total_params / 1e6, "gmacs": total_macs / 1e9},
+    }
 
 
 def _sync(device: torch.device) -> None:

@@ -32,7 +32,13 @@ from .checkpoint import (
     set_rng_state,
 )
 from .distributed import DistInfo, all_reduce_sum, init_distributed
-from .evaluate import amp_dtype, autocast_context, check_class_count, evaluate, slide_window
+from .evaluate import (
+    amp_dtype,
+    autocast_context,
+    check_class_count,
+    evaluate_outputs,
+    slide_window,
+)
 from .logging import RunLogger
 from .loss import SegmentationLoss
 from .metrics import SegMetrics
@@ -82,6 +88,7 @@ class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False, show_progress: bool = True) -> None:
         self.cfg = cfg
         self.dist: DistInfo = init_distributed(cfg.device)
+        self.output_metrics: dict[str, SegMetrics] = {}
         self.device = self.dist.device
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -95,7 +102,11 @@ class Trainer:
         arch, kwargs = model_kwargs(cfg.model)
         model = create_model(arch, **kwargs).to(self.device)
         aux = dict(getattr(model, "default_aux_weights", {}))
-        aux.update(cfg.train.aux_weights)
+        for key, weight in cfg.train.aux_weights.items():  # the config wins over defaults,
+            for name in aux:  # "aux_context" also over a member's "top.aux_context"
+                if name.rpartition(".")[2] == key:
+                    aux[name] = weight
+            aux[key] = weight
         self.channels_last = cfg.train.channels_last
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -196,7 +207,9 @@ class Trainer:
         )
 
     def validate(self) -> SegMetrics:
-        return evaluate(
+        """Metrics of the model's prediction (a cooperative model's fused output); every
+        output's metrics are kept in ``self.output_metrics``."""
+        self.output_metrics = evaluate_outputs(
             self.model,
             self.val_set,
             self.train_set.num_classes,
@@ -209,6 +222,7 @@ class Trainer:
             channels_last=self.channels_last,
             slide=self.slide,
         )
+        return next(iter(self.output_metrics.values()))
 
     def step(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
         images = images.to(self.device, non_blocking=True)
@@ -282,6 +296,8 @@ class Trainer:
                         "pixel_acc": last_metrics.pixel_acc,
                         "mean_acc": last_metrics.mean_acc,
                     }
+                    if len(self.output_metrics) > 1:  # cooperative: each member too
+                        record |= {f"miou_{k}": m.miou for k, m in self.output_metrics.items()}
                     logger.log(it, "val", record)
                     self.history.append({"iteration": it, **record})
                     if last_metrics.miou > self.best_miou:
@@ -293,8 +309,12 @@ class Trainer:
                                 cfg,
                                 {**self.info, "iteration": it, "miou": last_metrics.miou},
                             )
+                    members = ", ".join(
+                        f"{k} {100 * m.miou:.2f}" for k, m in list(self.output_metrics.items())[1:]
+                    )
                     bar.write(
                         f"[{cfg.name}] iteration {it}: val mIoU {100 * last_metrics.miou:.2f}"
+                        + (f" ({members})" if members else "")
                     )
                 if finished or (t.checkpoint_interval and it % t.checkpoint_interval == 0):
                     self.save_checkpoint()

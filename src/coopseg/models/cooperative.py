@@ -234,6 +234,7 @@ class CooperativeNet(nn.Module):
         if len(set(names)) != len(names):
             raise ValueError(f"model.members: member names must be unique, got {names}")
         self.preset = preset
+        self.member_specs = dict(zip(names, specs, strict=True))  # as given, before widening
 
         # Tap layouts need no weights: read them from members built on the meta device.
         taps: dict[str, dict[str, TapInfo]] = {}
