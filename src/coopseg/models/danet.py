@@ -19,11 +19,12 @@ how it is computed; all give the same values and gradients (see
 (queries in chunks, each chunk recomputed in backward, so neither pass holds the
 whole matrix), ``"sdpa"`` (``scaled_dot_product_attention`` with ``scale=1.0``,
 a fused kernel that never stores the matrix) and ``"auto"``: dense up to
-``pam_chunk_threshold`` positions (4096, a 64x64 map: dense is the fastest there and
-its matrix is 64 MB per image), above it chunked on CPU (measured: on par with sdpa
-forward, ~2x faster forward+backward, as CPU sdpa needs q/k padded to v's width)
-and sdpa on CUDA (its memory-efficient kernel takes unequal widths; not yet measured
-here).
+``pam_chunk_threshold`` positions (4096, a 64x64 map: there dense was the fastest and
+its matrix is 64 MB per image), chunked above. Measured on CPU at 96x192, chunked and
+sdpa took the same time within noise (0.04-0.5x more than dense) at 1/12-1/16 of its
+memory, chunked with the lower peak; and chunked's bound does not depend on which
+kernel sdpa's dispatcher picks (with unsupported widths it silently falls back to a
+kernel that stores the matrix).
 
 Taps, in execution order; the streams alternate so two networks can be run in
 lockstep, and each stream tap carries its group so links never mix streams:
@@ -130,20 +131,18 @@ class PositionAttention(nn.Module):
         self.auto_threshold = auto_threshold
         self.chunk_size = chunk_size
 
-    def resolved_impl(self, positions: int, device: torch.device | str = "cpu") -> PamImpl:
+    def resolved_impl(self, positions: int) -> PamImpl:
         """The implementation ``forward`` uses on a map of ``positions`` = H*W."""
         if self.impl != "auto":
             return self.impl
-        if positions <= self.auto_threshold:
-            return "dense"
-        return "sdpa" if torch.device(device).type == "cuda" else "chunked"
+        return "dense" if positions <= self.auto_threshold else "chunked"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q = self.query(x).flatten(2).transpose(1, 2)
         k = self.key(x).flatten(2).transpose(1, 2)
         v = self.value(x).flatten(2).transpose(1, 2)
-        out = pam_attention(q, k, v, self.resolved_impl(h * w, x.device), self.chunk_size)
+        out = pam_attention(q, k, v, self.resolved_impl(h * w), self.chunk_size)
         # Under autocast, keep x's dtype (the fp32 scale would promote the sum).
         return x + (self.gamma * out.transpose(1, 2).reshape(b, c, h, w)).to(x.dtype)
 
