@@ -160,6 +160,9 @@ def test_danet_links_stay_inside_their_stream(image) -> None:
         for link in model.links:
             groups = {taps[e.partition(".")[2]].group for e in (*link.sources, link.target)}
             assert len(groups - {None}) <= 1, (preset, link)
+        # Two-way links widen maps that are sent on (attention runs on the concatenation).
+        out = model.eval()(image[:1])
+        assert out["out"].shape == (1, 3, 64, 64)
     multiple = create_model("cooperative", members=[DANET, DANET], preset="oneway-multiple")
     targets = sorted(link.target for link in multiple.links)
     assert targets == ["bottom.channel.attention", "bottom.fusion", "bottom.position.attention"]

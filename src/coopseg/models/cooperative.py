@@ -237,18 +237,32 @@ class CooperativeNet(nn.Module):
         self.member_specs = dict(zip(names, specs, strict=True))  # as given, before widening
 
         # Tap layouts need no weights: read them from members built on the meta device.
-        taps: dict[str, dict[str, TapInfo]] = {}
-        for name, spec in zip(names, specs, strict=True):
-            with torch.device("meta"):
-                probe = create_model(spec["arch"], **{**_kwargs(spec), "pretrained": False})
-            taps[name] = dict(probe.tap_info)
+        def probe_taps(extra: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, TapInfo]]:
+            out = {}
+            for name, spec in zip(names, specs, strict=True):
+                kwargs = {**_kwargs(spec), "pretrained": False, "extra_channels": extra[name]}
+                with torch.device("meta"):
+                    out[name] = dict(create_model(spec["arch"], **kwargs).tap_info)
+            return out
+
+        extra: dict[str, dict[str, int]] = {name: {} for name in names}
+        taps = probe_taps(extra)
         all_links = preset_links(preset, taps, connection1=connection1, connection2=connection2)
         all_links += [Link.from_spec(s, f"model.links[{i}]") for i, s in enumerate(links or [])]
         if detach:
             all_links = [Link(k.sources, k.target, True, k.reduce) for k in all_links]
         self.links = all_links
         self.tap_order = {n: list(t) for n, t in taps.items()}
-        extra = self._check_links(taps)
+        # A widened layer can widen the map at a later tap (DANet's attention runs on
+        # the concatenation), and that map may itself be sent: widen until stable.
+        for _ in range(len(self.links) + 1):
+            new_extra = self._check_links(taps)
+            if new_extra == extra:
+                break
+            extra = new_extra
+            taps = probe_taps(extra)
+        else:  # pragma: no cover - widths only grow along the tap order
+            raise ValueError("link widths do not settle; a link feeds its own sender")
 
         self.members = nn.ModuleDict(
             {
