@@ -129,9 +129,19 @@ def slide_probs(
     images: torch.Tensor,
     window: SlideWindow,
     amp_dtype: torch.dtype | None = None,
-) -> dict[str, torch.Tensor]:
+) -> torch.Tensor:
     """Softmax over the image from overlapping windows, averaged pixel-wise by a count map
-    (for every segmentation output of the model).
+    (the model's prediction; :func:`slide_outputs` gives every output)."""
+    return slide_outputs(model, images, window, amp_dtype)["out"]
+
+
+def slide_outputs(
+    model: nn.Module,
+    images: torch.Tensor,
+    window: SlideWindow,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`slide_probs` for every segmentation output of the model.
 
     An image smaller than the crop is zero-padded (the mean colour once normalised)
     at the bottom/right; the padded pixels' predictions are dropped, never averaged.
@@ -217,7 +227,7 @@ def predict_outputs(
         for flipped in views:
             inp = scaled.flip(-1) if flipped else scaled
             if slide is not None:
-                view = slide_probs(model, inp, slide, amp_dtype)
+                view = slide_outputs(model, inp, slide, amp_dtype)
             else:
                 with ctx:
                     view = segmentation_outputs(model(inp))
