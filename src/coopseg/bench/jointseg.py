@@ -32,10 +32,11 @@ from ..engine.joint import JointTrainer
 from ..models import JointSegEncoder, create_model
 
 MODES: dict[str, dict[str, Any]] = {
-    # 8 runs x 3 seeds on 48x48 scenes; about 15 minutes on 2 idle CPU cores (the step
-    # time is dominated by per-layer overhead of the many small inception convs).
+    # 8 runs x 3 seeds on 48x48 scenes: about 13 minutes on 2 CPU cores with
+    # OMP_NUM_THREADS=1 (the step time is per-layer overhead of many small convs; with a
+    # busy second core, two threads per process are several times slower than one).
     "quick": {
-        "iterations": 80,
+        "iterations": 300,
         "scene_size": 48,
         "train_scenes": 400,
         "val_scenes": 50,
