@@ -9,6 +9,8 @@ from coopseg.config import ConfigError, config_from_dict
 from coopseg.models import create_model
 from coopseg.models.cooperative import Link, LinkAggregator
 
+from .conftest import tiny_cooperative
+
 MEMBER = {
     "arch": "deeplabv3plus",
     "backbone": "resnet18",
@@ -85,6 +87,10 @@ def test_cross_without_links_equals_independent_networks(image) -> None:
         torch.testing.assert_close(model(image)[f"{name}.out"], alone(image)["out"])
     cross = coop("cross")
     assert len(cross.links) > 0 and len(model.links) == 0
+    # The same model as `ensemble` from the same seed (the bench reuses its numbers).
+    ensemble = coop("ensemble")
+    for key, value in ensemble.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
 
 
 def test_ensemble_prediction_is_the_members_mean_probability(image) -> None:
@@ -243,3 +249,29 @@ def test_bench_table_is_mean_and_std_over_seeds() -> None:
     a, b = bench_config("single", 0, "quick", "runs"), bench_config("cross", 1, "quick", "runs")
     assert a.train == b.train and a.data == b.data
     assert len(a.model["members"]) == 1 and len(b.model["members"]) == 2
+
+
+def test_cooperative_checkpoint_predicts_the_fused_output(tmp_path, make_config) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from coopseg.engine.checkpoint import load_model, save_weights
+    from coopseg.engine.predict import predict_files
+
+    cfg = make_config(name="coop-predict", model=tiny_cooperative("oneway-multiple"))
+    torch.manual_seed(0)
+    model = create_model("cooperative", **{k: v for k, v in cfg.model.items() if k != "arch"})
+    path = tmp_path / "coop.safetensors"
+    save_weights(path, model, cfg, {"palette": [[i * 20, 0, 0] for i in range(11)]})
+    loaded, _, _ = load_model(path)
+    assert loaded.links == model.links
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "photo.png")
+    predict_files(path, [tmp_path / "photo.png"], tmp_path / "out", device="cpu")
+    mask = np.array(Image.open(tmp_path / "out" / "photo_mask.png"))
+    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    x = (torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255 - mean) / std
+    with torch.no_grad():
+        expected = model.eval()(x)["out"].argmax(1)[0].numpy()
+    assert mask.shape == (40, 56) and np.array_equal(mask, expected)
