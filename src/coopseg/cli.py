@@ -229,7 +229,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_bench_coop(args: argparse.Namespace) -> int:
     from .bench.coop import run_coop_bench
 
-    run_coop_bench(args.mode, args.seeds, args.presets, args.out)
+    run_coop_bench(args.mode, args.seeds, args.presets, args.out, args.iterations)
     return 0
 
 
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="the papers' comparisons in miniature on FashionScenes")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     bc = bench_sub.add_parser(
-        "coop", help="single vs ensemble vs cooperative presets, several seeds (quick: ~12 min)"
+        "coop", help="single vs ensemble vs cooperative presets, several seeds (quick: ~15 min)"
     )
     bc.add_argument("--mode", choices=["quick", "full"], default="quick")
     bc.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -346,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["single", "ensemble", "oneway-same", "oneway-multiple", "cross", "cross-no-paths"],
     )
+    bc.add_argument("--iterations", type=int, help="training length (default: the mode's)")
     bc.add_argument("--out", default="runs/bench-coop", help="folder for coop.md / coop.json")
     bc.set_defaults(func=cmd_bench_coop)
     bj = bench_sub.add_parser(
