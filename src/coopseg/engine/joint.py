@@ -34,7 +34,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
@@ -61,9 +60,16 @@ from .checkpoint import (
 from .distributed import DistInfo, all_reduce_sum, init_distributed
 from .evaluate import amp_dtype, autocast_context, check_class_count, evaluate
 from .logging import RunLogger
-from .loss import SegmentationLoss
 from .metrics import SegMetrics
-from .train import TrainingError, build_optimizer, dataset_info, poly_lambda
+from .train import (
+    TrainingError,
+    build_criterion,
+    build_optimizer,
+    dataset_info,
+    place_model,
+    poly_lambda,
+    time_is_up,
+)
 
 AGENTS = ("cls", "seg")
 CLS_SEED_OFFSET = 7919  # the classifier's batch stream differs from the segmenter's
@@ -238,31 +244,13 @@ class JointTrainer:
                     f"model.num_cls_classes is {getattr(model, 'num_cls_classes', None)} but "
                     f"joint.cls_label {j.cls_label!r} has {self.num_cls_classes} classes"
                 )
-        model = model.to(self.device)
         self.channels_last = t.channels_last
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if self.dist.distributed and self.device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.model = model
-        self.ddp_model: nn.Module = (
-            DistributedDataParallel(
-                model,
-                device_ids=[self.device] if self.device.type == "cuda" else None,
-                find_unused_parameters=True,  # each agent's pass leaves the other's part idle
-            )
-            if self.dist.distributed
-            else model
+        # each agent's pass leaves the other's part idle: DDP must allow unused parameters
+        self.model, self.ddp_model = place_model(
+            model, self.dist, self.channels_last, find_unused_parameters=True
         )
-        aux = dict(getattr(model, "default_aux_weights", {}))
-        aux.update(t.aux_weights)
-        self.criterion = SegmentationLoss(
-            aux,
-            world_size=self.dist.world_size,
-            class_weights=t.class_weights,
-            ohem_thresh=t.ohem_thresh,
-            ohem_min_kept=t.ohem_min_kept,
-        )
+        model = self.model
+        self.criterion = build_criterion(model, t, self.dist.world_size)
         self.amp_dtype = amp_dtype(t.amp, self.device)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
@@ -503,11 +491,7 @@ class JointTrainer:
                     logger.log(it, "train", {**reduced, **lrs})
                     bar.set_postfix({k: f"{v:.3f}" for k, v in reduced.items()}, refresh=False)
                 bar.update(1)
-                out_of_time = False
-                if t.max_time_s > 0:  # every rank takes part; rank 0's clock decides
-                    late = self.dist.is_main and time.perf_counter() - start_time > t.max_time_s
-                    flag = torch.tensor([float(late)], device=self.device)
-                    out_of_time = bool(all_reduce_sum(flag).item() > 0)
+                out_of_time = time_is_up(self.dist, start_time, t.max_time_s)
                 finished = it == t.iterations or out_of_time
                 if (t.val_interval and it % t.val_interval == 0) or finished:
                     last_seg, last_cls = self.validate()

@@ -82,6 +82,53 @@ def dataset_info(dataset: SegmentationDataset) -> dict[str, Any]:
     }
 
 
+def build_criterion(model: nn.Module, t: TrainConfig, world_size: int) -> SegmentationLoss:
+    """The segmentation loss: the model's default aux weights, overridden by the config's
+    (``aux_context`` also sets every member's ``<name>.aux_context``), plus the loss options."""
+    aux = dict(getattr(model, "default_aux_weights", {}))
+    for key, weight in t.aux_weights.items():
+        for name in aux:
+            if name.rpartition(".")[2] == key:
+                aux[name] = weight
+        aux[key] = weight
+    return SegmentationLoss(
+        aux,
+        world_size=world_size,
+        class_weights=t.class_weights,
+        ohem_thresh=t.ohem_thresh,
+        ohem_min_kept=t.ohem_min_kept,
+    )
+
+
+def place_model(
+    model: nn.Module, dist: DistInfo, channels_last: bool, find_unused_parameters: bool = False
+) -> tuple[nn.Module, nn.Module]:
+    """``(model, ddp_model)``: on the device, channels-last if asked, SyncBN and DDP when
+    distributed (SyncBN on CUDA only); ``ddp_model`` is ``model`` in a single process."""
+    model = model.to(dist.device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if dist.distributed and dist.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if not dist.distributed:
+        return model, model
+    ddp = DistributedDataParallel(
+        model,
+        device_ids=[dist.device] if dist.device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )
+    return model, ddp
+
+
+def time_is_up(dist: DistInfo, start_time: float, max_time_s: float) -> bool:
+    """``train.max_time_s`` reached? Every rank takes part; rank 0's clock decides."""
+    if max_time_s <= 0:
+        return False
+    late = dist.is_main and time.perf_counter() - start_time > max_time_s
+    flag = torch.tensor([float(late)], device=dist.device)
+    return bool(all_reduce_sum(flag).item() > 0)
+
+
 class Trainer:
     """Builds everything a run needs from a :class:`Config` and trains it."""
 
@@ -100,33 +147,12 @@ class Trainer:
         self.info = dataset_info(self.train_set)
 
         arch, kwargs = model_kwargs(cfg.model)
-        model = create_model(arch, **kwargs).to(self.device)
-        aux = dict(getattr(model, "default_aux_weights", {}))
-        for key, weight in cfg.train.aux_weights.items():  # the config wins over defaults,
-            for name in aux:  # "aux_context" also over a member's "top.aux_context"
-                if name.rpartition(".")[2] == key:
-                    aux[name] = weight
-            aux[key] = weight
         self.channels_last = cfg.train.channels_last
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if self.dist.distributed and self.device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.model = model
-        self.ddp_model: nn.Module = (
-            DistributedDataParallel(
-                model, device_ids=[self.device] if self.device.type == "cuda" else None
-            )
-            if self.dist.distributed
-            else model
+        self.model, self.ddp_model = place_model(
+            create_model(arch, **kwargs), self.dist, self.channels_last
         )
-        self.criterion = SegmentationLoss(
-            aux,
-            world_size=self.dist.world_size,
-            class_weights=cfg.train.class_weights,
-            ohem_thresh=cfg.train.ohem_thresh,
-            ohem_min_kept=cfg.train.ohem_min_kept,
-        )
+        model = self.model
+        self.criterion = build_criterion(model, cfg.train, self.dist.world_size)
         self.slide = slide_window(cfg.eval, cfg.data.crop_size)
         t = cfg.train
         self.optimizer = build_optimizer(model, t)
@@ -283,11 +309,7 @@ class Trainer:
                         refresh=False,
                     )
                 bar.update(1)
-                out_of_time = False
-                if t.max_time_s > 0:  # every rank takes part; rank 0's clock decides
-                    late = self.dist.is_main and time.perf_counter() - start_time > t.max_time_s
-                    flag = torch.tensor([float(late)], device=self.device)
-                    out_of_time = bool(all_reduce_sum(flag).item() > 0)
+                out_of_time = time_is_up(self.dist, start_time, t.max_time_s)
                 finished = it == t.iterations or out_of_time
                 if (t.val_interval and it % t.val_interval == 0) or finished:
                     last_metrics = self.validate()
