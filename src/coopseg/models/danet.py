@@ -52,7 +52,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .backbones import PretrainedArg, create_backbone
-from .deeplabv3plus import _init_head, conv_bn_relu
+from .deeplabv3plus import conv_bn_relu, init_head
 from .taps import TapInfo, TappedNetwork, TapStream, check_extra_channels
 
 PamImpl = Literal["dense", "chunked", "sdpa", "auto"]
@@ -254,7 +254,7 @@ class DANet(TappedNetwork):
             dropout,
         )
         self.classifier = classifier(channels + extra.get("fusion", 0), num_classes, dropout)
-        _init_head([self.position, self.channel, self.classifier])
+        init_head([self.position, self.channel, self.classifier])
 
     def forward_taps(self, x: torch.Tensor) -> TapStream:
         size = x.shape[-2:]

@@ -141,7 +141,7 @@ class DeepLabV3Plus(TappedNetwork):
         self.classifier = nn.Conv2d(
             decoder_channels + extra.get("decoder.conv2", 0), num_classes, 1
         )
-        _init_head([self.aspp, self.decoder, self.classifier])
+        init_head([self.aspp, self.decoder, self.classifier])
 
     def forward_taps(self, x: torch.Tensor) -> TapStream:
         size = x.shape[-2:]
@@ -160,10 +160,12 @@ class DeepLabV3Plus(TappedNetwork):
         return {"out": logits}
 
 
-def _init_head(modules: list[nn.Module]) -> None:
+def init_head(modules: list[nn.Module]) -> None:
+    """He init for the (transposed) convs of layers trained from scratch, BN to identity;
+    the backbone keeps timm's init (or its pretrained weights)."""
     for module in modules:
         for m in module.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)

@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import PretrainedArg, create_backbone, feature_index
-from .deeplabv3plus import _init_head, conv_bn_relu
+from .deeplabv3plus import conv_bn_relu, init_head
 from .taps import TapInfo, TappedNetwork, TapStream, check_extra_channels
 
 FUSIONS = ("sum", "dafm", "dafm+2dpam")
@@ -206,7 +206,7 @@ class DFDAM(TappedNetwork):
         head = [self.spatial_proj, self.low_proj, self.high_proj, self.merge, self.refine]
         if self.pam is not None:
             head.append(self.pam.confidence[0])
-        _init_head([*head, self.classifier, self.aux_context, self.aux_spatial])
+        init_head([*head, self.classifier, self.aux_context, self.aux_spatial])
 
     def _merged(self, name: str, fmap: torch.Tensor) -> torch.Tensor:
         key = _key(name)

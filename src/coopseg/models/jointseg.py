@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import PretrainedArg
+from .deeplabv3plus import init_head
 from .fcn import fit_to
 from .taps import TapInfo, TappedNetwork, TapStream, run_taps
 from .unet import EncoderFeatureInfo
@@ -258,14 +259,7 @@ class JointSeg(TappedNetwork):
         for n, (level, width) in enumerate(zip(targets, dec, strict=True)):
             self.tap_info[f"decoder.{n}"] = TapInfo(width, strides[level])
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_head([self])
 
     # -- the three parameter groups ------------------------------------------------
     def agent_modules(self, part: str) -> list[nn.Module]:

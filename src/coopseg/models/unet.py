@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import PretrainedArg, resolve_encoder
+from .deeplabv3plus import init_head
 from .fcn import fit_to
 from .taps import TapInfo, TappedNetwork, TapStream, check_extra_channels
 
@@ -168,15 +169,7 @@ class UNet(TappedNetwork):
         self.classifier = nn.Conv2d(in_ch, num_classes, 1)
         self.skip_indices = skips
 
-        for module in (*([self.backbone] if classic else []), self.decoder, self.classifier):
-            for m in module.modules():
-                if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                    if m.bias is not None:
-                        nn.init.zeros_(m.bias)
-                elif isinstance(m, nn.BatchNorm2d):
-                    nn.init.ones_(m.weight)
-                    nn.init.zeros_(m.bias)
+        init_head([*([self.backbone] if classic else []), self.decoder, self.classifier])
 
     def forward_taps(self, x: torch.Tensor) -> TapStream:
         size = x.shape[-2:]
