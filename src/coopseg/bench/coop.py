@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..config import Config, config_from_dict
 from ..engine.profile import count_macs, count_params
 from ..engine.train import Trainer
@@ -162,7 +160,6 @@ def run_coop_bench(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
     out_dir = Path(out_dir)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     runs: dict[str, list[dict[str, Any]]] = {}
     for preset in presets:
         for seed in seeds:
