@@ -95,7 +95,7 @@ def test_corrupted_weight_file_is_named(monkeypatch, tmp_path) -> None:
 
 
 def test_a_weight_file_for_another_network_is_refused_naming_tensors(tmp_path) -> None:
-    lite1, state1 = _package_state("tf_efficientnet_lite1")
+    lite1, _ = _package_state("tf_efficientnet_lite1")
     with pytest.raises(PretrainedWeightsError, match="holds 386 tensors, the model has 296"):
         create_model("deeplabv3plus", backbone="tf_efficientnet_lite0", pretrained=str(lite1))
     # same count, one pair out of order: the mapping by position catches it by shape
