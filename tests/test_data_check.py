@@ -103,3 +103,20 @@ def test_voc_check_and_an_unopenable_root(tmp_path: Path) -> None:
     assert len(reports[1].sizes) == 2  # VOC val mixes image sizes
     (missing,) = check_dataset(DataConfig(dataset="voc", root=str(tmp_path / "nope")), ["val"])
     assert not missing.ok and "no VOC 2012 folder found" in missing.errors[0].message
+
+
+def test_a_missing_class_file_is_its_own_kind(tmp_path: Path, capsys) -> None:
+    root = make_folder(tmp_path / "f", n=3)
+    (root / "classes.yaml").unlink()
+    code, report = _check_json(capsys, str(root), "--dataset", "folder", "--split", "train")
+    assert code == 1 and not report["ok"]
+    (error,) = report["splits"][0]["errors"]
+    assert error["kind"] == "missing_class_file"
+    assert str(root / "classes.yaml") in error["message"]
+    # an explicit --classes-file that does not exist names that file
+    gone = tmp_path / "gone.yaml"
+    args = [str(root), "--dataset", "folder", "--split", "train", "--classes-file", str(gone)]
+    code, report = _check_json(capsys, *args)
+    (error,) = report["splits"][0]["errors"]
+    assert code == 1 and error["kind"] == "missing_class_file"
+    assert f"{gone}: class file not found" in error["message"]

@@ -25,8 +25,8 @@ class DataError(ValueError):
     """Bad input data: the message names the file (or sample) and the problem.
 
     ``kind`` sorts problems for ``coopseg data check``: ``missing_pair``,
-    ``unreadable``, ``bad_format``, ``size_mismatch``, ``bad_label``, ``bad_list``
-    or ``invalid`` (anything else).
+    ``missing_class_file``, ``unreadable``, ``bad_format``, ``size_mismatch``,
+    ``bad_label``, ``bad_list`` or ``invalid`` (anything else).
     """
 
     def __init__(self, message: str, kind: str = "invalid") -> None:

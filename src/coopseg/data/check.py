@@ -5,7 +5,8 @@ each sample's content when it is loaded, so a corrupt file deep in the list woul
 stop a run hours in. This check reads everything and reports, per split:
 
 * hard errors, each naming its file: ``missing_pair`` (image without mask or the
-  reverse, a missing folder), ``bad_list`` (split list missing or naming absent
+  reverse, a missing folder), ``missing_class_file`` (folder data set without its
+  class file), ``bad_list`` (split list missing or naming absent
   files), ``unreadable`` (corrupt or truncated file), ``bad_format`` (wrong image
   or mask mode), ``size_mismatch`` (mask and image sizes differ), ``bad_label``
   (values outside the class set, unknown colours or label ids);

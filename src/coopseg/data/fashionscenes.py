@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
+from ..config import ConfigError
 from ..fileio import atomic_write
 from .base import IGNORE_INDEX, DataError, SegmentationDataset, Transform
 from .fashion_mnist import DEFAULT_SOURCE, FASHION_CLASSES, check_source, load_fashion_mnist
@@ -312,12 +313,15 @@ def build_fashionscenes(
     ``source=None`` means "any source" when checking the cache and :data:`DEFAULT_SOURCE`
     when building, so a copied cache works on a machine without the Debian package.
     """
-    if size < 16:
-        raise ValueError(f"size must be at least 16, got {size}")
-    if train < 1 or val < 1:
-        raise ValueError(f"train and val must be at least 1, got {train} and {val}")
-    if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
+    # ConfigError (a ValueError) so the CLI reports a bad --size/--train/... in one line
+    for name, value, low, keys in (
+        ("size", size, 16, "--size, data.scene_size"),
+        ("train", train, 1, "--train, data.train_scenes"),
+        ("val", val, 1, "--val, data.val_scenes"),
+        ("seed", seed, 0, "--seed, data.scene_seed"),
+    ):
+        if value < low:
+            raise ConfigError(f"FashionScenes {name} ({keys}): expected >= {low}, got {value}")
     root = default_root(size, train, val, seed) if root is None else Path(root)
     resolved = Path(source).expanduser().resolve() if source is not None else None
     params = {"size": size, "train": train, "val": val, "seed": seed}

@@ -62,7 +62,7 @@ def load_classes(path: str | Path) -> ClassTable:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise DataError(f"{path}: class file not found", "missing_pair") from None
+        raise DataError(f"{path}: class file not found", "missing_class_file") from None
     except (OSError, yaml.YAMLError) as exc:
         raise DataError(f"{path}: cannot read class file ({exc})", "unreadable") from exc
     if isinstance(raw, list) and raw and all(isinstance(n, str) for n in raw):
@@ -185,9 +185,10 @@ class FolderDataset(FileDataset):
             found = [self.root / n for n in CLASS_FILES if (self.root / n).is_file()]
             if not found:
                 raise DataError(
-                    f"{self.root}: no class file ({', '.join(CLASS_FILES)}); write one or set "
+                    f"{self.root / CLASS_FILES[0]}: no class file (none of "
+                    f"{', '.join(CLASS_FILES)} in {self.root}); write one or set "
                     "data.classes_file",
-                    "missing_pair",
+                    "missing_class_file",
                 )
             classes_file = found[0]
         self.classes = load_classes(classes_file)

@@ -2,12 +2,23 @@
 
 Both are written to a temporary file in the target folder and moved into place
 with ``os.replace``, so a crash mid-write never leaves a truncated checkpoint.
+
+A ``.pt`` file is a pickle, and unpickling can run any code the file names, so
+every ``.pt`` is read with ``torch.load(weights_only=True)``: tensors and plain
+Python values only. What coopseg writes stays within that (the RNG states are
+stored as tensors and lists, not numpy arrays and tuples), so no type needs to
+be allow-listed with ``torch.serialization.add_safe_globals``. A file that needs
+more, or that does not have the structure coopseg writes, is refused with a
+:class:`CheckpointError` naming it.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from ..config import Config, config_from_dict, model_kwargs
+from ..config import Config, ConfigError, config_from_dict, model_kwargs
 from ..fileio import atomic_write
 from ..models import TappedNetwork, create_model
 
@@ -26,22 +37,126 @@ class CheckpointError(RuntimeError):
 
 
 def rng_state() -> dict[str, Any]:
-    state = {
+    """Every RNG's state as tensors and plain values, so a weights-only load accepts it."""
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": _python_rng_to_list(random.getstate()),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _python_rng_to_list(state: tuple[Any, ...]) -> list[Any]:
+    version, internal, gauss_next = state
+    return [version, list(internal), gauss_next]
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved (turning lists back into the tuples RNGs want)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["bit_generator"],
+            np_state["key"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["gauss"],
+        )
+    )
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _one_line(err: BaseException) -> str:
+    """The gist of an error on one line (torch's weights-only refusals span many)."""
+    text = str(err)
+    unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsupported:
+        return f"it needs {unsupported.group(1)}, which a weights-only load does not allow"
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    line = line if len(line) <= 200 else line[:197] + "..."
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` that never unpickles arbitrary objects; refusals name the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err) or "WeightsUnpickler" in str(err):
+            raise CheckpointError(
+                f"{path}: refused to load: {_one_line(err)} "
+                "(the .pt files coopseg writes need no such objects)"
+            ) from err
+        raise CheckpointError(f"{path}: unreadable checkpoint ({_one_line(err)})") from err
+    except Exception as err:  # truncated, or not written by torch.save
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint, truncated or not written by torch.save "
+            f"({_one_line(err)})"
+        ) from err
+
+
+def _check_mapping(path: Path, state: Mapping[str, Any], key: str, what: str) -> Any:
+    value = state.get(key)
+    if not isinstance(value, Mapping):
+        raise CheckpointError(
+            f"{path}: not a coopseg checkpoint: {key!r} should be {what}, "
+            f"got {type(value).__name__}"
+        )
+    return value
+
+
+def _check_structure(path: Path, state: Any) -> dict[str, Any]:
+    """The top level every coopseg ``.pt`` shares: a dict with a ``model`` of tensors."""
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path}: not a coopseg checkpoint: expected a dict with a 'model' entry, "
+            f"got {type(state).__name__}"
+        )
+    weights = _check_mapping(path, state, "model", "a mapping of parameter names to tensors")
+    bad = next(
+        (k for k, v in weights.items() if not (isinstance(k, str) and torch.is_tensor(v))), None
+    )
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: not a coopseg checkpoint: 'model' entry {bad!r} is not a named tensor"
+        )
+    return state
+
+
+def _check_rng(path: Path, rng: Any) -> None:
+    """The RNG states :func:`rng_state` writes, so a bad one fails here and not mid-restore."""
+    np_state = rng.get("numpy") if isinstance(rng, Mapping) else None
+    py_state = rng.get("python") if isinstance(rng, Mapping) else None
+    ok = (
+        isinstance(rng, Mapping)
+        and torch.is_tensor(rng.get("torch"))
+        and isinstance(np_state, Mapping)
+        and torch.is_tensor(np_state.get("key"))
+        and all(isinstance(np_state.get(k), int) for k in ("pos", "has_gauss"))
+        and isinstance(np_state.get("gauss"), float)
+        and isinstance(np_state.get("bit_generator"), str)
+        and isinstance(py_state, list | tuple)
+        and len(py_state) == 3
+        and isinstance(py_state[1], list | tuple)
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{path}: 'rng' does not hold the RNG states coopseg writes "
+            "(a checkpoint from another program, or from an older coopseg)"
+        )
 
 
 def save_training_state(path: Path, state: dict[str, Any]) -> None:
@@ -49,12 +164,27 @@ def save_training_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
+    """A ``last.pt`` for ``--resume``: loaded weights-only and checked for its structure."""
     if not path.is_file():
         raise CheckpointError(f"no checkpoint to resume from at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated or foreign file
-        raise CheckpointError(f"{path}: unreadable checkpoint ({err})") from err
+    state = _check_structure(path, _torch_load(path))
+    config = _check_mapping(path, state, "config", "the run's config")
+    if not isinstance(config.get("model"), Mapping):
+        raise CheckpointError(f"{path}: its config has no model section")
+    if not isinstance(state.get("history", []), list):
+        raise CheckpointError(f"{path}: 'history' should be a list")
+    for key in ("iteration", "best_iteration"):
+        if not isinstance(state.get(key), int):
+            raise CheckpointError(f"{path}: {key!r} should be an integer, got {state.get(key)!r}")
+    if not isinstance(state.get("best_miou"), float | int):
+        raise CheckpointError(f"{path}: 'best_miou' should be a number")
+    # a Trainer's single optimizer, or a JointTrainer's one per agent
+    single = ("optimizer", "scheduler", "scaler")
+    keys = single if "optimizer" in state else tuple(f"{k}s" for k in single)
+    for key in keys:
+        _check_mapping(path, state, key, "a state dict")
+    _check_rng(path, state.get("rng"))
+    return state
 
 
 def save_weights(
@@ -79,25 +209,35 @@ def load_model(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors":
+        try:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}
             weights = load_file(str(path))
             info = {k: json.loads(v) for k, v in meta.items()}
-            raw_cfg = info.pop("config", None)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            weights, raw_cfg, info = state["model"], state.get("config"), state.get("info", {})
-    except Exception as err:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({err})") from err
+        except Exception as err:
+            raise CheckpointError(f"{path}: unreadable checkpoint ({_one_line(err)})") from err
+        raw_cfg = info.pop("config", None)
+    else:  # a .pt: weights-only, then the structure coopseg writes
+        state = _check_structure(path, _torch_load(path))
+        weights, raw_cfg, info = state["model"], state.get("config"), state.get("info", {})
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{path}: 'info' should be a mapping, got {type(info).__name__}")
     if raw_cfg is None:
         raise CheckpointError(f"{path}: holds no config; was it written by coopseg?")
-    cfg = config_from_dict(raw_cfg)
-    arch, kwargs = model_kwargs(cfg.model)
-    kwargs["pretrained"] = False
-    model = create_model(arch, **kwargs)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        cfg = config_from_dict(raw_cfg)
+        arch, kwargs = model_kwargs(cfg.model)
+        kwargs["pretrained"] = False
+        model = create_model(arch, **kwargs)
+    except (ConfigError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its config does not describe a model: {err}") from err
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # shapes that do not fit
+        raise CheckpointError(
+            f"{path}: weights do not fit the {arch} model its config describes ({_one_line(err)})"
+        ) from err
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not fit the {arch} model its config describes "
