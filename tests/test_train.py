@@ -91,7 +91,7 @@ def test_interrupted_run_keeps_a_checkpoint(make_config, monkeypatch) -> None:
     monkeypatch.setattr(trainer, "step", step_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
-    state = torch.load(cfg.run_dir / "checkpoints" / "last.pt", weights_only=False)
+    state = torch.load(cfg.run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["iteration"] == 2
     leftovers = [p.name for p in (cfg.run_dir / "checkpoints").iterdir() if p.suffix == ".tmp"]
     assert leftovers == []
@@ -105,9 +105,11 @@ def test_run_folder_logs_and_best_checkpoint(make_config) -> None:
     result = train(cfg, show_progress=False)
     run = result.run_dir
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert records[0]["kind"] == "start" and records[0]["weights"] == {"backbone": "random"}
+    assert (run / "config.yaml").read_text().startswith("# weights backbone: random\n")
     train_steps = [r["step"] for r in records if r["kind"] == "train"]
     assert train_steps == [1, 2, 3, 4, 5, 6]
-    assert {"loss", "lr", "img_per_s"} <= set(records[0])
+    assert {"loss", "lr", "img_per_s"} <= set(records[1])
     vals = [r for r in records if r["kind"] == "val"]
     assert [r["step"] for r in vals] == [3, 6]
     assert any((run / "tb").iterdir())

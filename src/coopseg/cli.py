@@ -200,6 +200,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
         model, (height, width), batch=args.batch, device=args.device, latency=not args.no_latency
     )
     result = {"arch": arch, "backbone": kwargs.get("backbone"), **result}
+    from .models.backbones import backbone_names, offline_weights_status
+
+    result["offline_weights"] = {
+        path: {"backbone": name, "imagenet_offline": offline_weights_status(name)}
+        for path, name in backbone_names(model).items()
+    }
     if arch == "cooperative":
         from .engine.profile import cooperative_breakdown
 
@@ -223,6 +229,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
             )
         if "latency_ms" in result:
             print(f"  latency:    {result['latency_ms']:.1f} ms (batch {args.batch}, median)")
+        for path, item in result["offline_weights"].items():
+            print(f"  {path} {item['backbone']}: ImageNet weights offline: "
+                  f"{item['imagenet_offline']}")
     return 0
 
 

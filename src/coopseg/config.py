@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +26,30 @@ PACKAGED_CONFIGS = Path(__file__).parent / "configs"  # the YAMLs shipped with c
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names it."""
+
+
+class OverrideError(ConfigError):
+    """A ``--set`` override is wrong; the message names the override, not the file."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus floats written like ``1e-3``, ``1E+4`` or ``.5e-2``.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so
+    ``lr: 1e-3`` would be the string ``'1e-3'``; YAML 1.2 and every user mean a number.
+    """
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse config YAML (files and ``--set`` values) with :class:`ConfigLoader`."""
+    return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader: plain values only
 
 
 @dataclass
@@ -66,6 +92,10 @@ class TrainConfig:
     weight_decay: float = 1e-4
     nesterov: bool = False
     poly_power: float = 0.9
+    # lr of pretrained backbone weights = this x train.lr (fine-tuning: < 1 keeps ImageNet
+    # features while a fresh head learns fast); 0 freezes the backbone
+    backbone_lr_mult: float = 1.0
+    warmup_iterations: int = 0  # linear lr warm-up from 0 before the poly decay
     aux_weights: dict[str, float] = field(default_factory=dict)
     amp: str = "none"  # none | bf16 | fp16 | auto
     channels_last: bool = False
@@ -215,17 +245,21 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise ConfigError(f"override {pair!r} must look like key.sub=value")
+            raise OverrideError(f"override {pair!r} must look like key.sub=value")
         key, raw = pair.split("=", 1)
         parts = key.strip().split(".")
         if not all(parts):
-            raise ConfigError(f"override {pair!r}: bad key {key!r}")
+            raise OverrideError(f"override {pair!r}: bad key {key!r}")
         node = nested
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {pair!r} conflicts with another override")
-        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+                raise OverrideError(f"override {pair!r} conflicts with another override")
+        try:
+            node[parts[-1]] = yaml_load(raw) if raw else ""
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or "not valid YAML"
+            raise OverrideError(f"--set {pair}: value is not valid YAML ({problem})") from err
     return nested
 
 
@@ -236,9 +270,43 @@ def _set_model_overrides(model: dict[str, Any], overrides: dict[str, Any]) -> di
 
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Config:
-    """Build and validate a :class:`Config` from a plain mapping plus ``--set`` overrides."""
+    """Build and validate a :class:`Config` from a plain mapping plus ``--set`` overrides.
+
+    An error that an override brings in is an :class:`OverrideError` naming that
+    override, so the user is not sent to look for it in the config file.
+    """
+    overrides = list(overrides or [])
+    try:
+        return _config_from_dict(raw, overrides)
+    except OverrideError:
+        raise
+    except ConfigError as err:
+        if not overrides:
+            raise
+        culprit = _culprit_override(raw, overrides, str(err))
+        if culprit is None:
+            raise
+        raise OverrideError(f"--set {culprit}: {err}") from err
+
+
+def _culprit_override(raw: dict[str, Any], overrides: list[str], final: str) -> str | None:
+    """The override from which on the error reads ``final`` (None: the base config's own)."""
+    culprit: str | None = overrides[-1]
+    for k in range(len(overrides) - 1, -1, -1):
+        try:
+            _config_from_dict(raw, overrides[:k])
+            message = None
+        except ConfigError as err:
+            message = str(err)
+        if message != final:
+            return culprit
+        culprit = overrides[k - 1] if k else None
+    return culprit
+
+
+def _config_from_dict(raw: dict[str, Any], overrides: list[str]) -> Config:
     raw = dict(raw or {})
-    over = parse_overrides(overrides or [])
+    over = parse_overrides(overrides)
     model_over = over.pop("model", None)
     raw = _merge(raw, over)
     if model_over is not None:
@@ -268,6 +336,95 @@ def _check_choices(cfg: Config) -> None:
             raise ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}")
 
 
+@dataclass(frozen=True)
+class Range:
+    """The finite numbers a key allows; ``None`` leaves that side unbounded."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is not allowed
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"a number in {left}{self.low:g}, {self.high:g}{right}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+
+# Valid ranges of numeric keys, checked at load time so a bad value fails before a run
+# starts rather than as a traceback from deep inside it. ``key[]``: each list entry;
+# ``key.*``: each mapping value; a null (optional key left unset) is not checked.
+RANGES: dict[str, Range] = {
+    "seed": NON_NEGATIVE,  # numpy generators refuse negative seeds
+    "data.val_ratio": Range(0, 1, low_open=True, high_open=True),
+    "data.split_seed": NON_NEGATIVE,
+    "data.scene_size": Range(16),  # FashionScenes' smallest canvas
+    "data.train_scenes": AT_LEAST_ONE,
+    "data.val_scenes": AT_LEAST_ONE,
+    "data.scene_seed": NON_NEGATIVE,
+    "data.batch_size": AT_LEAST_ONE,
+    "data.val_batch_size": AT_LEAST_ONE,
+    "data.num_workers": NON_NEGATIVE,
+    "data.scale_range[]": POSITIVE,
+    "data.std[]": POSITIVE,  # images are divided by it
+    "train.iterations": AT_LEAST_ONE,
+    "train.lr": POSITIVE,
+    "train.momentum": Range(0, 1, high_open=True),
+    "train.weight_decay": NON_NEGATIVE,
+    "train.poly_power": NON_NEGATIVE,
+    "train.backbone_lr_mult": NON_NEGATIVE,  # 0: frozen backbone
+    "train.warmup_iterations": NON_NEGATIVE,
+    "train.aux_weights.*": NON_NEGATIVE,
+    "train.val_interval": NON_NEGATIVE,  # 0: validate only at the end
+    "train.checkpoint_interval": NON_NEGATIVE,  # 0: checkpoint only at the end
+    "train.log_interval": AT_LEAST_ONE,
+    "train.max_time_s": NON_NEGATIVE,  # 0: no limit
+    "train.ohem_min_kept": NON_NEGATIVE,
+    "eval.scales[]": POSITIVE,
+    "eval.window_batch": AT_LEAST_ONE,
+    "joint.cls_lr_ratio": POSITIVE,
+    "joint.cls_batch_ratio": AT_LEAST_ONE,
+    "joint.cls_label_noise": Range(0, 1),
+    "joint.cls_scenes": AT_LEAST_ONE,
+    "joint.cls_scene_seed": NON_NEGATIVE,
+    "joint.cls_weight_decay": NON_NEGATIVE,
+}
+
+
+def _ranged_values(cfg: Config, key: str) -> list[tuple[str, Any]]:
+    """``(dotted name, value)`` for a :data:`RANGES` key, its entries for ``[]``/``.*``."""
+    path = key.removesuffix("[]").removesuffix(".*")
+    value: Any = cfg
+    for part in path.split("."):
+        value = getattr(value, part)
+    if value is None:
+        return []
+    if key.endswith("[]"):
+        return [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    if key.endswith(".*"):
+        return [(f"{path}.{k}", v) for k, v in value.items()]
+    return [(path, value)]
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key, allowed in RANGES.items():
+        for name, value in _ranged_values(cfg, key):
+            if value not in allowed:
+                raise ConfigError(f"{name}: expected {allowed}, got {value!r}")
+
+
 def _check_pair(value: list[int] | None, key: str) -> None:
     if value is not None and (len(value) != 2 or min(value) < 1):
         raise ConfigError(f"{key}: expected [height, width], both positive, got {value}")
@@ -275,7 +432,21 @@ def _check_pair(value: list[int] | None, key: str) -> None:
 
 def _check_values(cfg: Config) -> None:
     """Ranges and lengths the type check cannot see; each error names its key."""
-    t, e = cfg.train, cfg.eval
+    t, e, d = cfg.train, cfg.eval, cfg.data
+    _check_ranges(cfg)
+    _check_pair(d.crop_size, "data.crop_size")
+    if len(d.scale_range) != 2 or d.scale_range[0] > d.scale_range[1]:
+        raise ConfigError(
+            f"data.scale_range: expected [low, high] with 0 < low <= high, got {d.scale_range}"
+        )
+    for key, values in (("data.mean", d.mean), ("data.std", d.std)):
+        if len(values) != 3:
+            raise ConfigError(f"{key}: expected 3 values (R, G, B), got {values}")
+    if t.nesterov and (t.optimizer != "sgd" or t.momentum == 0):
+        raise ConfigError(
+            f"train.nesterov: needs train.optimizer sgd with train.momentum > 0, "
+            f"got {t.optimizer} with momentum {t.momentum}"
+        )
     if t.class_weights is not None:
         classes = cfg.model.get("num_classes")
         if classes is not None and len(t.class_weights) != classes:
@@ -322,7 +493,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         names = " -> ".join(str(p) for p in (*chain, path.resolve()))
         raise ConfigError(f"{path}: 'base' chain loops: {names}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
@@ -355,6 +526,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     raw = _read_yaml(path)
     try:
         return config_from_dict(raw, overrides)
+    except OverrideError:
+        raise  # names its --set override; the file is not at fault
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
 

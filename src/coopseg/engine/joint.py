@@ -263,7 +263,7 @@ class JointTrainer:
             optimizer = build_optimizer(nn.ParameterList(params), settings)
             self.optimizers[agent] = optimizer
             self.schedulers[agent] = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, poly_lambda(t.iterations, t.poly_power)
+                optimizer, poly_lambda(t.iterations, t.poly_power, t.warmup_iterations)
             )
             self.scalers[agent] = torch.amp.GradScaler(
                 self.device.type, enabled=self.amp_dtype == torch.float16

@@ -24,6 +24,7 @@ from ..config import Config, ConfigError, TrainConfig, model_kwargs
 from ..data import SeededAugmentation, SegmentationDataset, build_datasets
 from ..data.sampling import TrainBatchSampler
 from ..models import create_model
+from ..models.backbones import weight_sources
 from .checkpoint import (
     load_training_state,
     rng_state,
@@ -49,19 +50,44 @@ class TrainingError(RuntimeError):
 
 
 def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with momentum (the papers' choice) or AdamW (faster from random init)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """SGD with momentum (the papers' choice) or AdamW (faster from random init).
+
+    Backbone weights (every module that records a ``pretrained_source``) form their own
+    group at ``train.backbone_lr_mult`` x ``train.lr``; a multiplier of 0 freezes them.
+    """
+    backbone_ids = {
+        id(p)
+        for module in model.modules()
+        if isinstance(getattr(module, "pretrained_source", None), str)
+        for p in module.parameters()
+    }
+    if t.backbone_lr_mult == 0:
+        for p in model.parameters():
+            if id(p) in backbone_ids:
+                p.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    backbone = [p for p in trainable if id(p) in backbone_ids]
+    head = [p for p in trainable if id(p) not in backbone_ids]
+    groups = [{"params": head, "lr": t.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": t.lr * t.backbone_lr_mult})
     if t.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov
+            groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov
         )
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     raise ConfigError(f"train.optimizer: expected sgd or adamw, got {t.optimizer!r}")
 
 
-def poly_lambda(iterations: int, power: float):
-    return lambda it: max(0.0, 1.0 - it / iterations) ** power
+def poly_lambda(iterations: int, power: float, warmup: int = 0):
+    """lr factor at an iteration: linear warm-up over ``warmup`` steps, then poly decay."""
+
+    def factor(it: int) -> float:
+        decay = max(0.0, 1.0 - it / iterations) ** power
+        return decay * min(1.0, (it + 1) / warmup) if warmup > 0 else decay
+
+    return factor
 
 
 @dataclass
@@ -120,6 +146,24 @@ def place_model(
     return model, ddp
 
 
+def describe_weights(sources: dict[str, str]) -> list[str]:
+    """One line per backbone: pretrained or not, and from where."""
+    lines = []
+    for path, source in sources.items():
+        kind, _, where = source.partition(":")
+        if kind == "random":
+            lines.append(f"{path}: random init (not pretrained)")
+        else:
+            origin = f"{kind} {where}" if where else kind
+            lines.append(f"{path}: pretrained, weights from {origin}")
+    return lines
+
+
+def weights_header(sources: dict[str, str]) -> str:
+    """YAML comment lines recording where the backbones' initial weights came from."""
+    return "".join(f"# weights {path}: {source}\n" for path, source in sources.items())
+
+
 def time_is_up(dist: DistInfo, start_time: float, max_time_s: float) -> bool:
     """``train.max_time_s`` reached? Every rank takes part; rank 0's clock decides."""
     if max_time_s <= 0:
@@ -152,12 +196,13 @@ class Trainer:
             create_model(arch, **kwargs), self.dist, self.channels_last
         )
         model = self.model
+        self.weight_sources = weight_sources(model)
         self.criterion = build_criterion(model, cfg.train, self.dist.world_size)
         self.slide = slide_window(cfg.eval, cfg.data.crop_size)
         t = cfg.train
         self.optimizer = build_optimizer(model, t)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, poly_lambda(t.iterations, t.poly_power)
+            self.optimizer, poly_lambda(t.iterations, t.poly_power, t.warmup_iterations)
         )
         self.amp_dtype = amp_dtype(t.amp, self.device)
         self.scaler = torch.amp.GradScaler(
@@ -271,7 +316,12 @@ class Trainer:
         logger = RunLogger(self.run_dir, enabled=self.dist.is_main)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            (self.run_dir / "config.yaml").write_text(
+                weights_header(self.weight_sources) + cfg.to_yaml()
+            )
+            for line in describe_weights(self.weight_sources):
+                print(f"[{cfg.name}] {line}", flush=True)
+            logger.log(self.iteration, "start", {"weights": self.weight_sources})
         last_metrics: SegMetrics | None = None
         start_iter, start_time = self.iteration, time.perf_counter()
         bar = tqdm(

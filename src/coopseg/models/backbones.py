@@ -195,6 +195,7 @@ def create_backbone(
     else:
         backbone, source = timm.create_model(name, pretrained=False, **kwargs), "random"
     backbone.pretrained_source = source
+    backbone.timm_name = name
     return backbone
 
 
@@ -226,6 +227,27 @@ def _imagenet_backbone(name: str, kwargs: dict) -> tuple[nn.Module, str]:
         "(a timm state dict), or pretrained=false to start from random init "
         f"(offline weights ship for {sorted(OFFLINE_WEIGHTS)})."
     )
+
+
+def offline_weights_status(name: str) -> str:
+    """Can ``pretrained=True`` work for ``name`` on this machine without a network?"""
+    if _cached_hub_file(name) is not None:
+        return "yes (in the local Hugging Face cache)"
+    package = OFFLINE_WEIGHTS.get(name)
+    if package is None:
+        return "no (hub download, or pretrained=PATH to a local file)"
+    if package_weights_file(name) is None:
+        return f"with package {package.distribution}, not installed ({package.install_hint()})"
+    return f"yes (package {package.distribution})"
+
+
+def backbone_names(model: nn.Module) -> dict[str, str]:
+    """timm name of each backbone in ``model``, by module path."""
+    return {
+        path or "backbone": module.timm_name
+        for path, module in model.named_modules()
+        if isinstance(getattr(module, "timm_name", None), str)
+    }
 
 
 def weight_sources(model: nn.Module) -> dict[str, str]:
