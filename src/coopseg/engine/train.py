@@ -24,7 +24,7 @@ from ..config import Config, ConfigError, TrainConfig, model_kwargs
 from ..data import SeededAugmentation, SegmentationDataset, build_datasets
 from ..data.sampling import TrainBatchSampler
 from ..models import create_model
-from ..models.backbones import weight_sources
+from ..models.backbones import stage_parameters, weight_sources
 from .checkpoint import (
     load_training_state,
     rng_state,
@@ -53,18 +53,19 @@ def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
     """SGD with momentum (the papers' choice) or AdamW (faster from random init).
 
     Backbone weights (every module that records a ``pretrained_source``) form their own
-    group at ``train.backbone_lr_mult`` x ``train.lr``; a multiplier of 0 freezes them.
+    group at ``train.backbone_lr_mult`` x ``train.lr``; a multiplier of 0 freezes them, and
+    ``train.frozen_stages`` freezes the shallowest stages.
     """
-    backbone_ids = {
-        id(p)
-        for module in model.modules()
-        if isinstance(getattr(module, "pretrained_source", None), str)
-        for p in module.parameters()
-    }
+    backbones = [m for m in model.modules() if hasattr(m, "pretrained_source")]
+    backbone_ids = {id(p) for module in backbones for p in module.parameters()}
+    try:
+        frozen = [p for module in backbones for p in stage_parameters(module, t.frozen_stages)]
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if t.backbone_lr_mult == 0:
-        for p in model.parameters():
-            if id(p) in backbone_ids:
-                p.requires_grad_(False)
+        frozen = [p for module in backbones for p in module.parameters()]
+    for p in frozen:
+        p.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     backbone = [p for p in trainable if id(p) in backbone_ids]
     head = [p for p in trainable if id(p) not in backbone_ids]
@@ -78,6 +79,18 @@ def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     raise ConfigError(f"train.optimizer: expected sgd or adamw, got {t.optimizer!r}")
+
+
+def set_backbone_bn_momentum(model: nn.Module, momentum: float) -> int:
+    """Set the running-statistics momentum of every backbone batch norm; returns the count."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "pretrained_source"):
+            for bn in module.modules():
+                if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                    bn.momentum = momentum
+                    count += 1
+    return count
 
 
 def poly_lambda(iterations: int, power: float, warmup: int = 0):
@@ -196,6 +209,8 @@ class Trainer:
             create_model(arch, **kwargs), self.dist, self.channels_last
         )
         model = self.model
+        if cfg.train.backbone_bn_momentum is not None:
+            set_backbone_bn_momentum(model, cfg.train.backbone_bn_momentum)
         self.weight_sources = weight_sources(model)
         self.criterion = build_criterion(model, cfg.train, self.dist.world_size)
         self.slide = slide_window(cfg.eval, cfg.data.crop_size)

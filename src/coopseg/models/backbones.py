@@ -312,6 +312,24 @@ def _in_chans(backbone: nn.Module) -> int:
     return first.in_channels
 
 
+def stage_parameters(backbone: nn.Module, stages: int) -> list[nn.Parameter]:
+    """The parameters of the first ``stages`` feature stages (stem included), in module
+    order: what ``train.frozen_stages`` freezes."""
+    if stages <= 0:
+        return []
+    names = backbone.feature_info.module_name()
+    if stages > len(names):
+        raise ValueError(f"train.frozen_stages={stages}: the backbone has {len(names)} stages")
+    target, inside, params = names[stages - 1], False, []
+    for name, module in backbone.named_modules():
+        if name == target or name.startswith(target + "."):
+            inside = True
+        elif inside:
+            break
+        params.extend(module.parameters(recurse=False))
+    return params
+
+
 def feature_index(backbone: nn.Module, reduction: int) -> int:
     """Index of the deepest feature map whose stride equals ``reduction``."""
     reductions = backbone.feature_info.reduction()
