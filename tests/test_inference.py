@@ -151,7 +151,7 @@ def test_default_stride_is_two_thirds_of_the_crop() -> None:
         ({"stride": [-1, 4]}, r"eval.stride: expected \[height, width\]"),
         ({"crop_size": [64, 64], "stride": [64, 65]}, r"eval.stride \[64, 65\] is larger"),
         ({"stride": [200, 100]}, r"eval.stride \[200, 100\] is larger .* data.crop_size"),
-        ({"window_batch": 0}, r"eval.window_batch: expected a positive integer"),
+        ({"window_batch": 0}, r"eval.window_batch: expected >= 1, got 0"),
         ({"strides": [8, 8]}, r"unknown config key eval.strides"),
     ],
 )

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from coopseg import create_model
 from coopseg.config import ConfigError, config_from_dict
-from coopseg.engine.train import build_optimizer, poly_lambda, set_backbone_bn_momentum
+from coopseg.engine.train import build_optimizer, poly_lambda
 from coopseg.models import PretrainedWeightsError
 from coopseg.models import backbones as bb
 
@@ -172,16 +172,6 @@ def test_frozen_stages_freeze_the_shallowest_stages() -> None:
     assert all(p.requires_grad for p in model.aspp.parameters())
     with pytest.raises(ConfigError, match="frozen_stages=6: the backbone has 5 stages"):
         build_optimizer(model, config_from_dict({"train": {"frozen_stages": 6}}).train)
-
-
-def test_backbone_bn_momentum_leaves_the_head_alone() -> None:
-    model = create_model("deeplabv3plus", backbone="tf_efficientnet_lite0", num_classes=3)
-    backbone_bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert {bn.momentum for bn in backbone_bns} == {0.01}  # TF's default in timm's tf_ models
-    assert set_backbone_bn_momentum(model, 0.3) == len(backbone_bns)
-    assert {bn.momentum for bn in backbone_bns} == {0.3}
-    head_bns = [m for m in model.aspp.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert head_bns and {bn.momentum for bn in head_bns} == {0.1}
 
 
 @pytest.mark.parametrize(

@@ -81,18 +81,6 @@ def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
     raise ConfigError(f"train.optimizer: expected sgd or adamw, got {t.optimizer!r}")
 
 
-def set_backbone_bn_momentum(model: nn.Module, momentum: float) -> int:
-    """Set the running-statistics momentum of every backbone batch norm; returns the count."""
-    count = 0
-    for module in model.modules():
-        if hasattr(module, "pretrained_source"):
-            for bn in module.modules():
-                if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-                    bn.momentum = momentum
-                    count += 1
-    return count
-
-
 def poly_lambda(iterations: int, power: float, warmup: int = 0):
     """lr factor at an iteration: linear warm-up over ``warmup`` steps, then poly decay."""
 
@@ -209,8 +197,6 @@ class Trainer:
             create_model(arch, **kwargs), self.dist, self.channels_last
         )
         model = self.model
-        if cfg.train.backbone_bn_momentum is not None:
-            set_backbone_bn_momentum(model, cfg.train.backbone_bn_momentum)
         self.weight_sources = weight_sources(model)
         self.criterion = build_criterion(model, cfg.train, self.dist.world_size)
         self.slide = slide_window(cfg.eval, cfg.data.crop_size)
