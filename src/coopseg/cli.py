@@ -200,11 +200,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
         model, (height, width), batch=args.batch, device=args.device, latency=not args.no_latency
     )
     result = {"arch": arch, "backbone": kwargs.get("backbone"), **result}
-    from .models.backbones import backbone_names, offline_weights_status
+    from .models.backbones import find_backbones, offline_weights_status
 
     result["offline_weights"] = {
-        path: {"backbone": name, "imagenet_offline": offline_weights_status(name)}
-        for path, name in backbone_names(model).items()
+        path: {"backbone": b.timm_name, "imagenet_offline": offline_weights_status(b.timm_name)}
+        for path, b in find_backbones(model).items()
     }
     if arch == "cooperative":
         from .engine.profile import cooperative_breakdown
@@ -230,8 +230,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
         if "latency_ms" in result:
             print(f"  latency:    {result['latency_ms']:.1f} ms (batch {args.batch}, median)")
         for path, item in result["offline_weights"].items():
-            print(f"  {path} {item['backbone']}: ImageNet weights offline: "
-                  f"{item['imagenet_offline']}")
+            print(
+                f"  {path} {item['backbone']}: ImageNet weights offline: {item['imagenet_offline']}"
+            )
     return 0
 
 

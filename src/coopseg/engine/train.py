@@ -24,7 +24,7 @@ from ..config import Config, ConfigError, TrainConfig, model_kwargs
 from ..data import SeededAugmentation, SegmentationDataset, build_datasets
 from ..data.sampling import TrainBatchSampler
 from ..models import create_model
-from ..models.backbones import stage_parameters, weight_sources
+from ..models.backbones import find_backbones, stage_parameters, weight_sources
 from .checkpoint import (
     load_training_state,
     rng_state,
@@ -56,7 +56,7 @@ def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
     group at ``train.backbone_lr_mult`` x ``train.lr``; a multiplier of 0 freezes them, and
     ``train.frozen_stages`` freezes the shallowest stages.
     """
-    backbones = [m for m in model.modules() if hasattr(m, "pretrained_source")]
+    backbones = list(find_backbones(model).values())
     backbone_ids = {id(p) for module in backbones for p in module.parameters()}
     try:
         frozen = [p for module in backbones for p in stage_parameters(module, t.frozen_stages)]

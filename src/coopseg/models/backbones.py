@@ -190,7 +190,7 @@ def create_backbone(
                 f"pretrained weights file {path}: expected .safetensors, .pth, .pt or .bin"
             )
         backbone = timm.create_model(name, pretrained=False, **kwargs)
-        load_backbone_file(backbone, path, name)
+        load_backbone_file(backbone, path, name, in_chans)
         source = f"file:{path}"
     else:
         backbone, source = timm.create_model(name, pretrained=False, **kwargs), "random"
@@ -211,7 +211,7 @@ def _imagenet_backbone(name: str, kwargs: dict) -> tuple[nn.Module, str]:
     packaged = package_weights_file(name) if package else None
     if packaged is not None:
         model = timm.create_model(name, pretrained=False, **kwargs)
-        load_backbone_file(model, packaged, name)
+        load_backbone_file(model, packaged, name, kwargs["in_chans"])
         return model, f"package:{package.distribution} ({packaged})"
     if _hub_reachable():
         return timm.create_model(name, pretrained=True, **kwargs), "hub"
@@ -241,22 +241,19 @@ def offline_weights_status(name: str) -> str:
     return f"yes (package {package.distribution})"
 
 
-def backbone_names(model: nn.Module) -> dict[str, str]:
-    """timm name of each backbone in ``model``, by module path."""
+def find_backbones(model: nn.Module) -> dict[str, nn.Module]:
+    """Every backbone :func:`create_backbone` made inside ``model``, by module path (a
+    cooperative pair has one per member); they carry ``timm_name`` and ``pretrained_source``."""
     return {
-        path or "backbone": module.timm_name
+        path or "backbone": module
         for path, module in model.named_modules()
-        if isinstance(getattr(module, "timm_name", None), str)
+        if isinstance(getattr(module, "pretrained_source", None), str)
     }
 
 
 def weight_sources(model: nn.Module) -> dict[str, str]:
     """Where each backbone in ``model`` got its weights, by module path."""
-    return {
-        path or "backbone": module.pretrained_source
-        for path, module in model.named_modules()
-        if isinstance(getattr(module, "pretrained_source", None), str)
-    }
+    return {path: module.pretrained_source for path, module in find_backbones(model).items()}
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -271,14 +268,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model"):  # common wrappers of training checkpoints
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict) or not all(
-        isinstance(v, torch.Tensor) for v in state.values()
-    ):
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PretrainedWeightsError(f"pretrained weights file {path} holds no state dict")
     return state
 
 
-def load_backbone_file(backbone: nn.Module, path: Path, name: str) -> None:
+def load_backbone_file(backbone: nn.Module, path: Path, name: str, in_chans: int = 3) -> None:
     """Load a timm state dict strictly: every backbone weight must come from the file.
 
     The file may hold the full classification model: keys that only the full model has
@@ -289,7 +284,7 @@ def load_backbone_file(backbone: nn.Module, path: Path, name: str) -> None:
     """
     state = {k.removeprefix("module."): v for k, v in _read_state_dict(path).items()}
     own = backbone.state_dict()
-    full = full_model_keys(name, _in_chans(backbone))
+    full = full_model_keys(name, in_chans)
     if name in OFFLINE_WEIGHTS and not set(state) & set(full):
         state = convert_by_position(state, full, path, name)
     full_only = set(full) - set(own)
@@ -304,12 +299,6 @@ def load_backbone_file(backbone: nn.Module, path: Path, name: str) -> None:
             f"{unexpected[:3]}, {len(mis_shaped)} mis-shaped keys {mis_shaped[:3]}"
         )
     backbone.load_state_dict(state, strict=True)
-
-
-def _in_chans(backbone: nn.Module) -> int:
-    """Input channels of the first convolution (the full model must match them)."""
-    first = next(m for m in backbone.modules() if isinstance(m, nn.Conv2d))
-    return first.in_channels
 
 
 def stage_parameters(backbone: nn.Module, stages: int) -> list[nn.Parameter]:
