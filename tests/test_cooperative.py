@@ -34,15 +34,14 @@ def image() -> torch.Tensor:
 def test_receiving_layers_widen_by_the_senders_channels() -> None:
     model = coop("oneway-same")
     top, bottom = model.members["top"], model.members["bottom"]
-    # Top is untouched; bottom's consumers see their own width plus the sender's.
+    # Top is untouched; every consumer in bottom sees exactly twice its own width.
     assert top.aspp.project[0][0].in_channels == 5 * 16
     assert bottom.aspp.project[0][0].in_channels == 2 * 5 * 16
     assert top.decoder.conv1[0].in_channels == 16 + 8
     assert bottom.decoder.conv1[0].in_channels == 2 * (16 + 8)
     assert bottom.decoder.conv2[0].in_channels == 32
     assert bottom.classifier.in_channels == 32
-    # Same-layer links skip the backbone output: the ASPP branches keep their input.
-    assert bottom.aspp.branches[0][0].in_channels == top.aspp.branches[0][0].in_channels
+    assert bottom.aspp.branches[0][0].in_channels == 2 * top.aspp.branches[0][0].in_channels
     # Cross widens both members, including the backbone output (connection 1).
     cross = coop("cross")
     for member in cross.members.values():
@@ -52,6 +51,19 @@ def test_receiving_layers_widen_by_the_senders_channels() -> None:
     member = no_c1.members["top"]
     assert member.aspp.branches[0][0].in_channels == 512
     assert member.decoder.conv1[0].in_channels == 16 + 2 * 8  # only decoder.low is shared
+
+
+@pytest.mark.parametrize("switches", [{}, {"connection1": False}, {"connection2": False}])
+def test_one_way_and_cross_link_the_same_layers(switches) -> None:
+    """The presets differ in direction only: the bottom network receives at the same
+    taps in both (before, one-way skipped the backbone output that cross links)."""
+    oneway, cross = coop("oneway-same", **switches), coop("cross", **switches)
+    received = {link.target for link in oneway.links}
+    assert received == {link.target for link in cross.links if link.target.startswith("bottom")}
+    assert all(link.sources[0].startswith("top.") for link in oneway.links)
+    assert ("bottom.backbone" in received) is switches.get("connection1", True)
+    assert ("bottom.aspp" in received) is switches.get("connection2", True)
+    assert not any(".backbone." in t for t in received)  # stages only send
 
 
 def test_gradients_reach_the_sender_unless_detached(image) -> None:
@@ -123,11 +135,27 @@ def test_multiple_layer_link_reduces_like_concat_then_1x1() -> None:
     weight = torch.cat([agg.project[0].weight, agg.project[1].weight], 1)
     slow = agg.norm(torch.nn.functional.conv2d(torch.cat([a, up], 1), weight))
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
-    model = coop("oneway-multiple")
+    model = coop("oneway-multiple", multiple_aggregate="project")
     (link,) = model.links
     assert link.target == "bottom.decoder.conv2" and link.reduce == 16
     assert len(link.sources) == len(model.members["top"].tap_info)
     assert model.members["bottom"].classifier.in_channels == 2 * 16
+
+
+def test_multiple_layer_link_sends_backbone_stages_by_plain_concatenation(image) -> None:
+    model = coop("oneway-multiple")  # default: multiple_aggregate=concat
+    (link,) = model.links
+    top = model.members["top"]
+    stages = [t for t in top.tap_info if t.startswith("backbone.")]
+    assert len(stages) == 4  # resnet18 strides 2, 4, 8, 16 (shallow to deep), then the output
+    assert link.sources[: len(stages)] == tuple(f"top.{t}" for t in stages)
+    assert link.reduce is None and not any(p.numel() for p in model.aggregators.parameters())
+    sent = sum(top.tap_info[s.partition(".")[2]].channels for s in link.sources)
+    assert model.members["bottom"].classifier.in_channels == 16 + sent
+    out = model.eval()(image[:1])
+    assert out["bottom.out"].shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="read-only"):
+        coop("custom", links=[{"from": "top.aspp", "to": "bottom.backbone.1"}])
 
 
 def test_bad_links_are_refused_with_names() -> None:
@@ -165,13 +193,17 @@ def test_danet_links_stay_inside_their_stream(image) -> None:
         taps = model.members["top"].tap_info
         for link in model.links:
             groups = {taps[e.partition(".")[2]].group for e in (*link.sources, link.target)}
-            assert len(groups - {None}) <= 1, (preset, link)
-        # Two-way links widen maps that are sent on (attention runs on the concatenation).
+            assert len(groups) == 1 and None not in groups, (preset, link)  # streams only
         out = model.eval()(image[:1])
         assert out["out"].shape == (1, 3, 64, 64)
     multiple = create_model("cooperative", members=[DANET, DANET], preset="oneway-multiple")
     targets = sorted(link.target for link in multiple.links)
-    assert targets == ["bottom.channel.attention", "bottom.fusion", "bottom.position.attention"]
+    assert targets == ["bottom.channel.attention", "bottom.position.attention"]
+    sources = {link.target: link.sources for link in multiple.links}
+    assert sources["bottom.position.attention"] == (
+        "top.position.reduce",
+        "top.position.attention",
+    )
     out = multiple.train()(image)
     assert {"top.aux_position", "bottom.aux_channel"} <= set(out)
     assert multiple.default_aux_weights["bottom.aux_position"] == 1.0
@@ -189,9 +221,10 @@ def test_evaluation_reports_fused_and_every_member(tiny_scenes) -> None:
     val = FashionScenes(tiny_scenes, "val", eval_transform([0.5] * 3, [0.25] * 3))
     dist = init_distributed("cpu")
     metrics = evaluate_outputs(model, val, 11, dist=dist, batch_size=8)
-    assert list(metrics) == ["fused", "top", "bottom"]
-    fused = evaluate(model, val, 11, dist=dist, batch_size=8)
-    assert fused.miou == metrics["fused"].miou
+    # Cross reports each network's own output; the headline (first) is model.report.
+    assert list(metrics) == ["top", "fused", "bottom"]
+    headline = evaluate(model, val, 11, dist=dist, batch_size=8)
+    assert headline.miou == metrics["top"].miou
     # The member columns are the members' own predictions, checked by hand on one batch.
     images, masks = next(iter(torch.utils.data.DataLoader(val, batch_size=16)))
     with torch.no_grad():
@@ -249,9 +282,12 @@ def test_bench_table_is_mean_and_std_over_seeds() -> None:
     a, b = bench_config("single", 0, "quick", "runs"), bench_config("cross", 1, "quick", "runs")
     assert a.train == b.train and a.data == b.data
     assert len(a.model["members"]) == 1 and len(b.model["members"]) == 2
+    detach = bench_config("cross-detach", 0, "quick", "runs")  # the gradient ablation row
+    assert detach.model["preset"] == "cross" and detach.model["detach"] is True
+    assert detach.train == b.train and "detach" not in b.model
 
 
-def test_cooperative_checkpoint_predicts_the_fused_output(tmp_path, make_config) -> None:
+def test_cooperative_checkpoint_predicts_the_reported_output(tmp_path, make_config) -> None:
     import numpy as np
     from PIL import Image
 

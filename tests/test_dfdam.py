@@ -224,3 +224,85 @@ def test_extra_channels_widen_the_consuming_layers(models: dict[str, DFDAM]) -> 
     }
     with pytest.raises(ValueError, match=r"no tap\(s\) \['spatial.selected'\]"):
         dfdam("dafm", extra_channels={"spatial.selected": 3})
+
+
+@pytest.mark.parametrize(
+    ("aux_spatial_on", "tap"), [("raw", "spatial"), ("weighted", "spatial.selected")]
+)
+def test_aux_spatial_head_reads_the_chosen_map(aux_spatial_on: str, tap: str) -> None:
+    """``raw`` (default, the paper's literal "spatial information" X^SI) or ``weighted``
+    (beta * X^SI, the 2DPAM output)."""
+    torch.manual_seed(0)
+    model = dfdam(aux_spatial_on=aux_spatial_on).train()
+    assert model.aux_spatial_on == aux_spatial_on
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name: str, fmap: torch.Tensor) -> torch.Tensor:
+        seen[name] = fmap
+        return fmap
+
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        out = run_taps(model.forward_taps(x), record)
+        expected = F.interpolate(
+            model.aux_spatial(seen[tap]), size=(64, 96), mode="bilinear", align_corners=False
+        )
+        other = "spatial.selected" if tap == "spatial" else "spatial"
+        wrong = F.interpolate(
+            model.aux_spatial(seen[other]), size=(64, 96), mode="bilinear", align_corners=False
+        )
+    torch.testing.assert_close(out["aux_spatial"], expected)
+    assert not torch.allclose(out["aux_spatial"], wrong)  # beta is not 1: the readings differ
+
+
+def test_aux_spatial_default_is_raw_and_bad_value_is_named() -> None:
+    assert dfdam().aux_spatial_on == "raw"
+    with pytest.raises(ValueError, match="aux_spatial_on must be one of"):
+        dfdam(aux_spatial_on="beta")
+    # Without 2DPAM beta is 1, so both readings supervise the same map.
+    torch.manual_seed(0)
+    raw = dfdam("dafm").train()
+    weighted = dfdam("dafm", aux_spatial_on="weighted").train()
+    weighted.load_state_dict(raw.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(raw(x)["aux_spatial"], weighted(x)["aux_spatial"])
+
+
+# The paper's ablation rows (Table 1: VOC val; Table 2: Cityscapes val) -> packaged config.
+ABLATION_ROWS = {
+    ("voc", "resnet50", "sum"): "dfdam-voc-resnet50-ablation-sum",
+    ("voc", "resnet50", "dafm"): "dfdam-voc-resnet50-ablation-dafm",
+    ("voc", "resnet50", "dafm+2dpam"): "dfdam-voc-resnet50",
+    ("voc", "resnet101", "sum"): "dfdam-voc-resnet101-ablation-sum",
+    ("voc", "resnet101", "dafm"): "dfdam-voc-resnet101-ablation-dafm",
+    ("voc", "resnet101", "dafm+2dpam"): "dfdam-voc-resnet101",
+    ("cityscapes", "resnet18", "sum"): "dfdam-cityscapes-resnet18-ablation-sum",
+    ("cityscapes", "resnet18", "dafm"): "dfdam-cityscapes-resnet18-ablation-dafm",
+    ("cityscapes", "resnet18", "dafm+2dpam"): "dfdam-cityscapes-resnet18",
+}
+
+
+@pytest.mark.parametrize(("row", "name"), sorted(ABLATION_ROWS.items()))
+def test_every_ablation_row_has_a_config(row: tuple[str, str, str], name: str) -> None:
+    from coopseg.config import PACKAGED_CONFIGS, load_config
+
+    fusion = row[2]
+    cfg = load_config(PACKAGED_CONFIGS / f"{name}.yaml")
+    assert cfg.name == name
+    assert (cfg.data.dataset, cfg.model["backbone"], cfg.model["fusion"]) == row
+    assert cfg.data.scale_set == [0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
+    if fusion != "dafm+2dpam":  # the tables are single scale, no flip (= Tables 3/5 row 1)
+        assert cfg.eval.scales == [1.0] and cfg.eval.flip is False
+
+
+def test_voc_trainval_finetune_config() -> None:
+    """Tables 6-7: the train_aug model fine-tuned on VOC 2012 trainval (train.init_from)."""
+    from coopseg.config import PACKAGED_CONFIGS, load_config
+
+    cfg = load_config(PACKAGED_CONFIGS / "dfdam-voc-resnet101-trainval-finetune.yaml")
+    start = load_config(PACKAGED_CONFIGS / "dfdam-voc-resnet101.yaml")
+    assert cfg.data.train_split == "trainval"
+    assert cfg.train.init_from == f"runs/{start.name}/checkpoints/best.safetensors"
+    assert cfg.model == {**start.model, "pretrained": False}  # same model, whole-model start
+    assert cfg.eval.scales == start.eval.scales and cfg.eval.flip  # MS + flip, as Table 5

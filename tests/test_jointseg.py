@@ -69,12 +69,18 @@ def test_jointseg_shapes_and_gated_maps_on_odd_and_non_square_inputs(size) -> No
     with torch.no_grad():
         maps = model.encoder(x)
     # every decoder stage attends exactly to the maps at its level and shallower, which
-    # are all at least as large as the upsampled map (switch on), deeper ones are not used
+    # are all at least as large as the upsampled map (switch on), deeper ones are not used;
+    # the last stage (input size) finds no encoder map that large
     for gate, level in zip(model.gates, model.targets, strict=True):
-        assert len(gate.theta) == level + 1
+        if level is None:
+            assert gate.encoder_chs == []
+            assert all(pag_ratio(m.shape[-2:], size) < 1 for m in maps)
+            continue
+        assert len(gate.encoder_chs) == level + 1
         u = maps[level].shape[-2:]
         assert all(pag_ratio(m.shape[-2:], u) >= 1 for m in maps[: level + 1])
         assert all(pag_pool(m, u).shape[-2:] == u for m in maps[: level + 1])
+        assert all(pag_ratio(m.shape[-2:], u) < 1 for m in maps[level + 1 :])
     with torch.no_grad():
         out = model(x)
         assert set(model(x, task="cls")) == {"cls"}
@@ -82,9 +88,10 @@ def test_jointseg_shapes_and_gated_maps_on_odd_and_non_square_inputs(size) -> No
     assert out["cls"].shape == (1, 5)
 
 
-def test_pag_gates_encoder_maps_into_the_fusion() -> None:
+@pytest.mark.parametrize("kind", ["none", "additive"])
+def test_pag_gates_encoder_maps_into_the_fusion(kind) -> None:
     torch.manual_seed(0)
-    gate = PartialAttentionGate(4, [2, 3], 4).eval()
+    gate = PartialAttentionGate(4, [2, 3], 4, gate=kind).eval()
     u = torch.randn(1, 4, 4, 6)
     e0, e1 = torch.randn(1, 2, 16, 24), torch.randn(1, 3, 4, 6)
     base = gate(u, [e0, e1])
@@ -136,6 +143,7 @@ def test_label_noise_fraction_exact_and_deterministic(n, p) -> None:
 
 def test_binary_labels() -> None:
     np.testing.assert_array_equal(binary_labels(np.array([0, 1, 2, 4]), [0, 1]), [0, 0, 1, 1])
+    np.testing.assert_array_equal(binary_labels(np.array([0, 1, 2, 4]), [0]), [0, 1, 1, 1])
 
 
 # -- the two agents ----------------------------------------------------------------------

@@ -20,7 +20,20 @@ from ..config import Config, config_from_dict
 from ..engine.profile import count_macs, count_params
 from ..engine.train import Trainer
 
-PRESET_ROWS = ("single", "ensemble", "oneway-same", "oneway-multiple", "cross", "cross-no-paths")
+PRESET_ROWS = (
+    "single",
+    "ensemble",
+    "oneway-same",
+    "oneway-multiple",
+    "cross",
+    "cross-detach",
+    "cross-no-paths",
+)
+# Rows that are a preset plus model keys: the gradient ablation (the papers' "trains two
+# CNNs separately at the same time" may mean no gradient flows back into the sender).
+ROW_MODEL_KEYS: dict[str, tuple[str, dict[str, Any]]] = {
+    "cross-detach": ("cross", {"detach": True}),
+}
 
 MEMBER = {
     "arch": "deeplabv3plus",
@@ -45,10 +58,12 @@ def bench_config(
 ) -> Config:
     """The config of one bench run: only the preset and the seed vary."""
     m = {**MODES[mode], **({"iterations": iterations} if iterations else {})}
+    row = preset
+    preset, model_keys = ROW_MODEL_KEYS.get(row, (row, {}))
     members = 1 if preset == "single" else 2
     size = m["scene_size"]
     raw = {
-        "name": f"{preset}-seed{seed}",
+        "name": f"{row}-seed{seed}",
         "seed": seed,
         "device": "auto",
         "out_dir": str(out_dir),
@@ -57,6 +72,7 @@ def bench_config(
             "preset": preset,
             "num_classes": 11,
             "members": [dict(MEMBER) for _ in range(members)],
+            **model_keys,
         },
         "data": {
             "dataset": "fashionscenes",
@@ -144,7 +160,9 @@ def markdown(table: dict[str, Any], mode: str, seeds: Sequence[int]) -> str:
     lines += [
         "",
         "fused = mean of the members' softmax probabilities (single: the one network's "
-        "output); top/bottom = each member's own output.",
+        "output); top/bottom = each member's own output. The papers report each network's "
+        "own output for linked presets (the bottom one for one-way) and fused for the "
+        "ensemble.",
     ]
     return "\n".join(lines) + "\n"
 

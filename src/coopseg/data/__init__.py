@@ -8,7 +8,7 @@ from ..config import ConfigError, DataConfig
 from .base import IGNORE_INDEX, DataError, SegmentationDataset, Transform, check_pair
 from .fashionscenes import FashionScenes, build_fashionscenes
 from .files import resolve_root
-from .transforms import SeededAugmentation, eval_transform, train_transform
+from .transforms import SeededAugmentation, data_transform, eval_transform, train_transform
 
 DATASETS = ("fashionscenes", "cityscapes", "voc", "folder")
 
@@ -45,12 +45,7 @@ def open_dataset(
 def build_dataset(cfg: DataConfig, split: str) -> SegmentationDataset:
     """One split: ``"train"`` (augmented; ``data.train_split``) or ``"val"`` (full-size
     images, normalised only; ``data.val_split``)."""
-    if split == "train":
-        transform = train_transform(cfg.crop_size, cfg.scale_range, cfg.hflip, cfg.mean, cfg.std)
-    elif split == "val":
-        transform = eval_transform(cfg.mean, cfg.std)
-    else:
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    transform = data_transform(cfg, split)  # every data.* augmentation and normalisation
     if cfg.dataset == "fashionscenes":
         root = build_fashionscenes(
             Path(cfg.root) if cfg.root else None,

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from ..config import Config, ConfigError, EvalConfig
 from ..data import SegmentationDataset, build_dataset
-from ..data.base import PredictionWriter
+from ..data.base import IGNORE_INDEX, PredictionWriter
 from ..data.sampling import shard_indices
 from .distributed import DistInfo, init_distributed
 from .metrics import ConfusionMatrix, SegMetrics, format_table
@@ -115,17 +115,51 @@ def slide_window(eval_cfg: EvalConfig, default_crop: Sequence[int]) -> SlideWind
     )
 
 
+def center_region(eval_cfg: EvalConfig, default_crop: Sequence[int]) -> tuple[int, int] | None:
+    """The region ``eval.mode: center`` scores (crop defaults to ``data.crop_size``)."""
+    if eval_cfg.mode != "center":
+        return None
+    crop = eval_cfg.crop_size or default_crop
+    return int(crop[0]), int(crop[1])
+
+
+def center_crop(
+    images: torch.Tensor, masks: torch.Tensor, size: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The central ``size`` region of a batch and its masks. A side shorter than the
+    crop is padded on both sides (image with 0, the mean colour once normalised; mask
+    with the ignore label), so the padding is never scored."""
+    h, w = images.shape[-2:]
+    ch, cw = int(size[0]), int(size[1])
+    pad_h, pad_w = max(ch - h, 0), max(cw - w, 0)
+    if pad_h or pad_w:
+        pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+        images = F.pad(images, pads)
+        masks = F.pad(masks, pads, value=IGNORE_INDEX)
+        h, w = images.shape[-2:]
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return (
+        images[..., top : top + ch, left : left + cw],
+        masks[..., top : top + ch, left : left + cw],
+    )
+
+
 def segmentation_outputs(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The eval-mode outputs that are per-pixel class scores: ``"out"`` (the model's
-    prediction; a cooperative model's fused one) and each member's ``"<name>.out"``."""
-    return {k: v for k, v in outputs.items() if k == "out" or k.endswith(".out")}
+    """The eval-mode outputs that are per-pixel class scores: a cooperative model's
+    named ones (``"fused.out"``, ``"<member>.out"``; its selected output comes first),
+    else the model's ``"out"``. The first is the model's prediction."""
+    named = {k: v for k, v in outputs.items() if k.endswith(".out")}
+    return named or {"out": outputs["out"]}
 
 
-def output_label(key: str, keys: Sequence[str]) -> str:
-    """Column name in tables and JSON: ``fused``/member name when there are several."""
-    if key == "out":
-        return "fused" if len(keys) > 1 else "out"
+def output_label(key: str) -> str:
+    """Column name in tables and JSON: ``out``, or ``fused`` / a member's name."""
     return key.removesuffix(".out")
+
+
+def first(scores: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's prediction among :func:`segmentation_outputs` (the first)."""
+    return next(iter(scores.values()))
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -147,7 +181,7 @@ def slide_probs(
 ) -> torch.Tensor:
     """Softmax over the image from overlapping windows, averaged pixel-wise by a count map
     (the model's prediction; :func:`slide_outputs` gives every output)."""
-    return slide_outputs(model, images, window, amp_dtype)["out"]
+    return first(slide_outputs(model, images, window, amp_dtype))
 
 
 def slide_outputs(
@@ -211,7 +245,7 @@ def predict_probs(
     (and flipped) view is covered by windows (:func:`slide_probs`), and its
     probabilities are resized to the input size before averaging.
     """
-    return predict_outputs(model, images, scales, flip, amp_dtype, slide)["out"]
+    return first(predict_outputs(model, images, scales, flip, amp_dtype, slide))
 
 
 @torch.no_grad()
@@ -292,6 +326,7 @@ def evaluate(
     channels_last: bool = False,
     slide: SlideWindow | None = None,
     on_batch: Callable[[torch.Tensor], None] | None = None,
+    center: Sequence[int] | None = None,
 ) -> SegMetrics:
     """mIoU and friends of the model's prediction over ``dataset`` (a cooperative
     model: its fused output; :func:`evaluate_outputs` gives every output)."""
@@ -308,6 +343,7 @@ def evaluate(
         channels_last=channels_last,
         slide=slide,
         on_batch=on_batch,
+        center=center,
     )
     return next(iter(metrics.values()))
 
@@ -327,11 +363,13 @@ def evaluate_outputs(
     channels_last: bool = False,
     slide: SlideWindow | None = None,
     on_batch: Callable[[torch.Tensor], None] | None = None,
+    center: Sequence[int] | None = None,
 ) -> dict[str, SegMetrics]:
     """Metrics of every segmentation output, keyed by :func:`output_label`, the model's
     prediction first; with DDP each rank takes a shard, then sums.
 
     ``on_batch`` receives each predicted batch (class indices), e.g. to save them.
+    ``center``: score only the central region of that size (:func:`center_crop`).
 
     Images of different sizes may share a batch: they are run as equal-size
     sub-batches (:func:`collate_by_size`).
@@ -356,13 +394,15 @@ def evaluate_outputs(
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             masks = masks.to(device, non_blocking=True)
+            if center is not None:
+                images, masks = center_crop(images, masks, center)
             scores = predict_outputs(model, images, scales, flip, amp_dtype, slide)
             for key, value in scores.items():
                 pred = value.argmax(1)
                 if key not in cms:
                     cms[key] = ConfusionMatrix(num_classes, device=device)
                 cms[key].update(pred, masks)
-                if on_batch is not None and key == "out":
+                if on_batch is not None and key == next(iter(scores)):
                     on_batch(pred)
     if not cms:  # an empty shard still takes part in the all-reduce
         keys = segmentation_outputs(_probe_outputs(model, dataset, device))
@@ -370,8 +410,7 @@ def evaluate_outputs(
     for cm in cms.values():
         cm.all_reduce()
     model.train(was_training)
-    keys = sorted(cms, key=lambda k: (k != "out", list(cms).index(k)))
-    return {output_label(k, keys): cms[k].compute() for k in keys}
+    return {output_label(k): cm.compute() for k, cm in cms.items()}  # prediction first
 
 
 def _probe_outputs(model: nn.Module, dataset: Dataset, device: torch.device) -> dict:
@@ -399,6 +438,7 @@ def evaluate_checkpoint(
         shard = shard_indices(len(val_set), dist.rank, dist.world_size)
         writer = PredictionWriter(val_set, shard, save_predictions)
     slide = slide_window(cfg.eval, cfg.data.crop_size)
+    center = center_region(cfg.eval, cfg.data.crop_size)
     all_metrics = evaluate_outputs(
         model.to(dist.device),
         val_set,
@@ -411,6 +451,7 @@ def evaluate_checkpoint(
         num_workers=cfg.data.num_workers,
         slide=slide,
         on_batch=writer,
+        center=center,
     )
     if writer is not None:
         print(f"rank {dist.rank}: {len(writer.written)} predictions written to {save_predictions}")
@@ -422,9 +463,11 @@ def evaluate_checkpoint(
         "flip": cfg.eval.flip,
         "mode": cfg.eval.mode,
         **({"crop_size": list(slide.crop), "stride": list(slide.stride)} if slide else {}),
+        **({"center": list(center)} if center else {}),
         **metrics.to_dict(val_set.class_names),
     }
     if len(all_metrics) > 1:  # a cooperative model: fused and every member, as in the papers
+        report["output"] = next(iter(all_metrics))  # the headline above: model.report
         report["outputs"] = {k: m.to_dict(val_set.class_names) for k, m in all_metrics.items()}
     if dist.is_main:
         title = f"{cfg.name}: {cfg.data.dataset} val ({len(val_set)} images)"

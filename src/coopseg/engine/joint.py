@@ -7,6 +7,15 @@ agent takes one step on a segmentation batch (``data.batch_size`` images with ma
 with its optimizer over M ∪ S at ``train.lr``. The shared encoder M is therefore moved
 by both, at their own rates and with their own momentum. Both use ``train.optimizer``
 (SGD with ``train.nesterov``: the paper's Nesterov momentum) and the poly schedule.
+Paper: "the learning rate is 30 times", "the batch size ... is 32 times"; the order of
+the two steps within an iteration is ours.
+
+Data: both streams use every ``data.*`` augmentation option (``vflip``, ``random_pad``,
+``normalize``; paper: flips left/right and up/down and random padding "for both
+classification and segmentation", each image standardised). The classifier stream alone
+adds ``joint.cls_hue/cls_contrast/cls_saturation`` jitter (paper: "for classification
+additional augmentation") and sees whole scenes, never rescaled (ours: so that the grade,
+an object count, stays true; ``random_pad`` may still shift a border object out).
 
 Everything else is the regular engine's: iteration-indexed batches (resume and DDP see
 the same samples), SegmentationLoss for the segmenter, ``evaluate`` for mIoU, AMP via
@@ -38,17 +47,20 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, model_kwargs
-from ..data import FashionScenes, SeededAugmentation, build_dataset, build_datasets
-from ..data.fashionscenes import build_fashionscenes
+from ..data import FashionScenes, SeededAugmentation
+from ..data.fashionscenes import NUM_CLASSES, build_fashionscenes
 from ..data.joint import (
+    BINARY_RULES,
     ClassificationScenes,
     binary_labels,
+    joint_scenes,
     noisy_labels,
     num_cls_classes,
+    predicted_abnormal,
     scene_class_labels,
 )
 from ..data.sampling import TrainBatchSampler, shard_indices
-from ..data.transforms import train_transform
+from ..data.transforms import NORMALIZE_MODES, data_transform
 from ..models import create_model
 from .checkpoint import (
     load_training_state,
@@ -86,6 +98,27 @@ def check_joint(cfg: Config) -> None:
         raise ConfigError(f"joint.cls_label_noise: expected in [0, 1], got {j.cls_label_noise}")
     if j.cls_scenes < 1:
         raise ConfigError(f"joint.cls_scenes: expected >= 1, got {j.cls_scenes}")
+    if j.binary_rule not in BINARY_RULES:
+        raise ConfigError(
+            f"joint.binary_rule: expected one of {list(BINARY_RULES)}, got {j.binary_rule!r}"
+        )
+    if not j.count_classes or not all(1 <= c < NUM_CLASSES for c in j.count_classes):
+        raise ConfigError(
+            f"joint.count_classes: expected object classes in 1..{NUM_CLASSES - 1}, "
+            f"got {j.count_classes}"
+        )
+    if not 0.0 <= j.cls_hue <= 0.5:
+        raise ConfigError(f"joint.cls_hue: expected in [0, 0.5], got {j.cls_hue}")
+    for key in ("cls_contrast", "cls_saturation"):
+        if getattr(j, key) < 0:
+            raise ConfigError(f"joint.{key}: expected >= 0, got {getattr(j, key)}")
+    d = cfg.data
+    if d.normalize not in NORMALIZE_MODES:
+        raise ConfigError(
+            f"data.normalize: expected one of {list(NORMALIZE_MODES)}, got {d.normalize!r}"
+        )
+    if d.random_pad < 0:
+        raise ConfigError(f"data.random_pad: expected >= 0, got {d.random_pad}")
     if cfg.data.dataset != "fashionscenes":
         raise ConfigError(
             f"joint: classifier labels are derived from FashionScenes scenes; data.dataset "
@@ -103,12 +136,13 @@ def evaluate_classifier(
     dist: DistInfo,
     batch_size: int = 16,
     amp: torch.dtype | None = None,
+    binary_rule: str = "argmax",
 ) -> dict[str, float]:
     """Top-1, top-2 and binary accuracy (fractions) of ``model(x, task="cls")["cls"]``.
 
-    Binary: a sample is predicted normal when the softmax mass on the ``binary_normal``
-    labels is at least one half, and compared with its label's normal/abnormal group.
-    With DDP each rank takes a shard and the counts are summed.
+    Binary (paper: levels >= 1 abnormal, level 0 normal): the prediction's group
+    (:func:`coopseg.data.joint.predicted_abnormal`, by ``binary_rule``) is compared with
+    the label's. With DDP each rank takes a shard and the counts are summed.
     """
     was_training = model.training
     model.eval()
@@ -122,14 +156,11 @@ def evaluate_classifier(
             logits = model(images, task="cls")["cls"].float()
         k = min(2, logits.shape[1])
         top = logits.topk(k, dim=1).indices
-        probs = logits.softmax(1)
-        normal = torch.zeros(logits.shape[1], dtype=torch.bool, device=device)
-        normal[[c for c in binary_normal if 0 <= c < logits.shape[1]]] = True
-        pred_abnormal = probs[:, normal].sum(1) < 0.5
+        pred_abnormal = predicted_abnormal(logits, binary_normal, binary_rule)
         true_abnormal = torch.as_tensor(binary_labels(labels, binary_normal), device=device)
         counts[0] += (top[:, 0] == labels).sum()
         counts[1] += (top == labels[:, None]).any(1).sum()
-        counts[2] += (pred_abnormal.long() == true_abnormal).sum()
+        counts[2] += (pred_abnormal == true_abnormal).sum()
         counts[3] += len(labels)
     all_reduce_sum(counts)
     model.train(was_training)
@@ -144,7 +175,8 @@ def evaluate_classifier(
 
 def classifier_val_set(cfg: Config, val_set: FashionScenes) -> ClassificationScenes:
     """The validation scenes with their clean classifier labels."""
-    return ClassificationScenes(val_set, scene_class_labels(val_set, cfg.joint.cls_label))
+    labels = scene_class_labels(val_set, cfg.joint.cls_label, cfg.joint.count_classes)
+    return ClassificationScenes(val_set, labels)
 
 
 def format_cls_table(metrics: dict[str, float], title: str | None = None) -> str:
@@ -162,7 +194,8 @@ def evaluate_classifier_checkpoint(
     """``coopseg eval`` for a JointSeg checkpoint's classifier: print, and add the metrics
     under ``"classifier"`` to the JSON report the segmentation evaluation wrote."""
     dist = init_distributed(cfg.device)
-    val_set = build_dataset(cfg.data, "val")
+    check_joint(cfg)
+    val_set = joint_scenes(cfg.data, "val")
     metrics = evaluate_classifier(
         model.to(dist.device),
         classifier_val_set(cfg, val_set),
@@ -170,6 +203,7 @@ def evaluate_classifier_checkpoint(
         dist=dist,
         batch_size=cfg.data.val_batch_size,
         amp=amp_dtype(cfg.train.amp, dist.device),
+        binary_rule=cfg.joint.binary_rule,
     )
     if dist.is_main:
         title = f"{cfg.name}: classifier ({cfg.joint.cls_label} labels, {len(val_set)} scenes)"
@@ -180,6 +214,8 @@ def evaluate_classifier_checkpoint(
                 **metrics,
                 "label": cfg.joint.cls_label,
                 "binary_normal": cfg.joint.binary_normal,
+                "binary_rule": cfg.joint.binary_rule,
+                "count_classes": cfg.joint.count_classes,
             }
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(report, indent=2))
@@ -222,7 +258,10 @@ class JointTrainer:
         torch.manual_seed(cfg.seed)
         t, j = cfg.train, cfg.joint
 
-        self.train_set, self.val_set = build_datasets(cfg.data)
+        self.train_set, self.val_set = (
+            joint_scenes(cfg.data, "train"),
+            joint_scenes(cfg.data, "val"),
+        )
         check_class_count(cfg, self.train_set)
         self.info = dataset_info(self.train_set)
         self.num_cls_classes = num_cls_classes(j.cls_label)
@@ -289,11 +328,15 @@ class JointTrainer:
         return self.cfg.data.batch_size * self.cfg.joint.cls_batch_ratio
 
     def _classifier_data(self) -> tuple[ClassificationScenes, Any]:
-        """Scenes for the classifier (no crop or rescale, so the label stays true),
-        with ``joint.cls_label_noise`` of their labels replaced by random ones."""
+        """Scenes for the classifier (whole scenes, no rescale, so the label stays true;
+        colour jitter on top of the data options), with ``joint.cls_label_noise`` of their
+        labels replaced by random ones."""
         d, j = self.cfg.data, self.cfg.joint
         size = d.scene_size
-        transform = train_transform([size, size], [1.0, 1.0], d.hflip, d.mean, d.std)
+        jitter = {"hue": j.cls_hue, "contrast": j.cls_contrast, "saturation": j.cls_saturation}
+        transform = data_transform(
+            d, "train", crop_size=[size, size], scale_range=[1.0, 1.0], jitter=jitter
+        )
         if j.cls_data == "train":
             root = Path(self.train_set.root)
         else:
@@ -306,7 +349,7 @@ class JointTrainer:
                 source=Path(d.source) if d.source else None,
             )
         scenes = FashionScenes(root, "train", transform)
-        clean = scene_class_labels(scenes, j.cls_label)
+        clean = scene_class_labels(scenes, j.cls_label, j.count_classes)
         labels, replaced = noisy_labels(
             clean, j.cls_label_noise, self.num_cls_classes, self.cfg.seed
         )
@@ -438,6 +481,7 @@ class JointTrainer:
                 dist=self.dist,
                 batch_size=d.val_batch_size,
                 amp=self.amp_dtype,
+                binary_rule=self.cfg.joint.binary_rule,
             )
         return seg, cls
 

@@ -104,7 +104,7 @@ class SegmentationLoss:
             )
         weights = None
         if self.class_weights is not None:
-            classes = outputs["out"].shape[1]
+            classes = next(iter(outputs.values())).shape[1]  # every head: all classes
             if len(self.class_weights) != classes:
                 raise ValueError(
                     f"train.class_weights: {len(self.class_weights)} weights for a model "

@@ -12,24 +12,26 @@ waits at a receiving tap until every sender has produced its map, so two-way (cr
 links work, and a one-way pair simply runs the sender ahead. The schedule is checked
 once at construction; a link graph that would deadlock is refused with the taps named.
 
-Decisions where the papers are silent:
+Decisions where the papers are silent (docs/cooperative.md lists each reading):
 
 * Gradients flow through links into the sender by default (the papers train both
   networks end to end with the summed loss); ``detach=True`` per link or globally cuts
   the path so the sender learns only from its own loss.
-* Multiple-layer links aggregate by concatenation. With ``reduce=N`` the concatenation
-  goes through a 1x1 conv + BN + ReLU to N channels. The preset ``oneway-multiple``
-  reduces to the receiving tap's own width, so the receiver is exactly twice as wide as
-  alone, as in the paper; it is computed as per-sender 1x1 convs at each sender's own
-  resolution, resized and summed (equal to concat-then-1x1, because resizing and a 1x1
-  conv commute, and much cheaper when deep maps are upsampled).
+* Which layers the presets link is declared per architecture (``TapInfo.role``); the
+  one-way and cross presets link the same layer set and differ only in direction.
+* Multiple-layer links aggregate by resizing and concatenating the senders' maps
+  (``multiple_aggregate="concat"``, the literal reading). ``"project"`` adds a 1x1
+  conv + BN + ReLU to the receiving tap's own width, so the receiver is exactly twice
+  as wide, as §3.1 says of its links; it is computed as per-sender 1x1 convs at each
+  sender's own resolution, resized and summed (equal to concat-then-1x1, because
+  resizing and a 1x1 conv commute, and much cheaper when deep maps are upsampled).
 * Taps carry a stream ``group`` (DANet: ``position``/``channel``); a link never joins
-  taps of two different groups (a tap without a group, like a backbone output, may
-  feed or receive from any).
+  taps of two different groups.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -51,8 +53,11 @@ PRESETS = (
     "custom",
 )
 LINK_KEYS = ("from", "to", "detach", "reduce")
-# Taps the cross preset links only when asked (the cross paper's Connection 1 and 2).
-CONNECTION_TAPS = {"connection1": "backbone", "connection2": "aspp"}
+MULTIPLE_AGGREGATES = ("concat", "project")
+# How the members' outputs are fused: the mean of their softmax probabilities, or the
+# cross paper's ensemble rule, "adding the final output[s] of two networks" (logits).
+FUSE_RULES = ("mean_prob", "sum_logits")
+FUSED = "fused"  # the name of the fused output (never a member's name)
 
 
 @dataclass(frozen=True)
@@ -100,22 +105,33 @@ def preset_links(
     *,
     connection1: bool = True,
     connection2: bool = True,
+    multiple_aggregate: str = "concat",
 ) -> list[Link]:
     """The link list a preset stands for, given each member's taps (in execution order).
 
+    Which taps a preset links is declared by each architecture (``TapInfo.role``), and
+    the one-way and cross presets use the same layer set -- they differ only in
+    direction. ``connection1`` / ``connection2`` switch the cross paper's extra
+    connections (DeepLabv3+'s backbone and ASPP outputs) for every preset.
+
     * ``single``: one member, no links. ``ensemble`` / ``cross-no-paths``: no links
       (members trained jointly on the same batches, outputs fused at inference).
-    * ``oneway-same``: member i -> member i+1 at every tap both have, except the
-      backbone output (the head's layers, as in the feature-sharing paper).
-    * ``oneway-multiple``: per stream group, every tap of member i -> the last tap of
-      that group in member i+1, reduced to that tap's width.
-    * ``cross``: two-way between every pair of members at every common head tap;
-      ``connection1`` adds the backbone output, ``connection2`` the ASPP output (the
-      cross paper's extra connections; both on in its final model).
+    * ``oneway-same``: member i -> member i+1 at every common linked tap.
+    * ``oneway-multiple``: per stream group, the sender's taps from shallow to deep
+      (linked taps plus send-only ones such as backbone stages) -> the receiver's last
+      linked tap of that group; ``multiple_aggregate`` = ``concat`` (the senders' maps,
+      resized and concatenated) or ``project`` (a 1x1 conv + BN + ReLU to the
+      receiver's own width, so it is exactly twice as wide).
+    * ``cross``: both ways between every pair of members at every common linked tap.
     """
     names = list(taps)
     if preset not in PRESETS:
         raise ValueError(f"model.preset: unknown preset {preset!r}; one of {list(PRESETS)}")
+    if multiple_aggregate not in MULTIPLE_AGGREGATES:
+        raise ValueError(
+            f"model.multiple_aggregate: unknown {multiple_aggregate!r}; "
+            f"one of {list(MULTIPLE_AGGREGATES)}"
+        )
     if preset == "single":
         if len(names) != 1:
             raise ValueError(f"model.preset: 'single' needs exactly one member, got {len(names)}")
@@ -125,36 +141,41 @@ def preset_links(
     if preset in ("ensemble", "cross-no-paths", "custom"):
         return []
 
+    linked = {"same"} | {
+        role for role, on in (("connection1", connection1), ("connection2", connection2)) if on
+    }
+
     def common(a: str, b: str) -> list[str]:
-        return [t for t in taps[b] if t in taps[a]]
+        return [
+            t
+            for t, info in taps[b].items()
+            if info.role in linked and info.receives and t in taps[a] and taps[a][t].role in linked
+        ]
 
     links: list[Link] = []
     if preset == "oneway-same":
         for src, dst in pairwise(names):
-            links += [
-                Link((f"{src}.{t}",), f"{dst}.{t}") for t in common(src, dst) if t != "backbone"
-            ]
+            links += [Link((f"{src}.{t}",), f"{dst}.{t}") for t in common(src, dst)]
     elif preset == "oneway-multiple":
+        reduce_to_width = multiple_aggregate == "project"
         for src, dst in pairwise(names):
-            groups: dict[str | None, str] = {}
+            targets: dict[str | None, str] = {}
             for tap, info in taps[dst].items():
-                groups[info.group] = tap  # last tap of each group wins
-            for group, target in groups.items():
-                sources = tuple(f"{src}.{t}" for t, i in taps[src].items() if i.group == group)
+                if info.role in linked and info.receives:
+                    targets[info.group] = tap  # the deepest linked tap of each group
+            for group, target in targets.items():
+                sources = tuple(
+                    f"{src}.{t}"
+                    for t, i in taps[src].items()
+                    if i.group == group and i.role in linked | {"send"}
+                )
                 if sources:
-                    width = taps[dst][target].channels
+                    width = taps[dst][target].channels if reduce_to_width else None
                     links.append(Link(sources, f"{dst}.{target}", reduce=width))
     elif preset == "cross":
-        skip = set()
-        if not connection1:
-            skip.add(CONNECTION_TAPS["connection1"])
-        if not connection2:
-            skip.add(CONNECTION_TAPS["connection2"])
         for i, a in enumerate(names):
             for b in names[i + 1 :]:
                 for tap in common(a, b):
-                    if tap in skip:
-                        continue
                     links.append(Link((f"{a}.{tap}",), f"{b}.{tap}"))
                     links.append(Link((f"{b}.{tap}",), f"{a}.{tap}"))
     return links
@@ -197,8 +218,16 @@ class CooperativeNet(nn.Module):
 
     ``forward`` returns, in training mode, every member's outputs prefixed with its
     name (``"top.out"``, ``"top.aux_position"``, ...), so the loss is the sum of each
-    member's own loss. In eval mode it returns ``"out"`` -- the fused prediction, the
-    log of the members' mean softmax probability -- plus each member's ``"<name>.out"``.
+    member's own loss. In eval mode it returns ``"fused.out"`` (``fuse``: the log of
+    the members' mean softmax probability, or their summed logits) and each member's
+    ``"<name>.out"``, the selected output first, and ``"out"``: the selected output,
+    which is what a single-output consumer (predict, export, best checkpoint) uses.
+
+    ``report`` picks that output: ``fused``, a member's name, or ``auto`` -- the fused
+    output when nothing is linked (ensemble), else the network that receives (the last
+    receiving member of a one-way chain; the first member when all receive, as in
+    ``cross``, whose paper reports each network's own output). :func:`select_output`
+    changes it after construction.
     """
 
     def __init__(
@@ -211,6 +240,9 @@ class CooperativeNet(nn.Module):
         connection1: bool = True,
         connection2: bool = True,
         detach: bool = False,
+        multiple_aggregate: str = "concat",
+        fuse: str = "mean_prob",
+        report: str = "auto",
     ) -> None:
         super().__init__()
         from . import create_model  # the same table single models come from
@@ -233,6 +265,11 @@ class CooperativeNet(nn.Module):
                 spec["pretrained"] = pretrained
         if len(set(names)) != len(names):
             raise ValueError(f"model.members: member names must be unique, got {names}")
+        if {FUSED, "out"} & set(names):
+            raise ValueError(f"model.members: {FUSED!r} and 'out' are reserved output names")
+        if fuse not in FUSE_RULES:
+            raise ValueError(f"model.fuse: unknown rule {fuse!r}; one of {list(FUSE_RULES)}")
+        self.fuse = fuse
         self.preset = preset
         self.member_specs = dict(zip(names, specs, strict=True))  # as given, before widening
 
@@ -247,7 +284,13 @@ class CooperativeNet(nn.Module):
 
         extra: dict[str, dict[str, int]] = {name: {} for name in names}
         taps = probe_taps(extra)
-        all_links = preset_links(preset, taps, connection1=connection1, connection2=connection2)
+        all_links = preset_links(
+            preset,
+            taps,
+            connection1=connection1,
+            connection2=connection2,
+            multiple_aggregate=multiple_aggregate,
+        )
         all_links += [Link.from_spec(s, f"model.links[{i}]") for i, s in enumerate(links or [])]
         if detach:
             all_links = [Link(k.sources, k.target, True, k.reduce) for k in all_links]
@@ -287,6 +330,15 @@ class CooperativeNet(nn.Module):
         for index, link in enumerate(self.links):
             self._incoming.setdefault(link.target, []).append(index)
         self._needed = {s for link in self.links for s in link.sources}
+        receivers = [n for n in names if any(t.startswith(f"{n}.") for t in self._incoming)]
+        if report == "auto":
+            if len(names) == 1:
+                report = names[0]
+            elif not receivers:
+                report = FUSED
+            else:
+                report = names[0] if len(receivers) == len(names) else receivers[-1]
+        self.output = check_output_name(report, names, "model.report")
 
     @property
     def member_names(self) -> list[str]:
@@ -309,6 +361,11 @@ class CooperativeNet(nn.Module):
                         f"its taps: {list(taps[member])}"
                     )
                 infos.append(taps[member][tap])
+            if not infos[-1].receives:
+                raise ValueError(
+                    f"{where}: {link.target} is read-only (computed with the layers "
+                    "after it); it can send but not receive"
+                )
             target_member = split_endpoint(link.target)[0]
             if any(split_endpoint(s)[0] == target_member for s in link.sources):
                 raise ValueError(f"{where}: a member cannot link to itself")
@@ -405,9 +462,44 @@ class CooperativeNet(nn.Module):
             return out
         if len(results) == 1:
             return {"out": next(iter(results.values()))["out"]}
-        log_probs = torch.stack([res["out"].float().log_softmax(1) for res in results.values()])
-        fused = torch.logsumexp(log_probs, 0) - torch.log(torch.tensor(float(len(results))))
-        return {"out": fused, **out}
+        if self.fuse == "sum_logits":
+            fused = torch.stack([res["out"].float() for res in results.values()]).sum(0)
+        else:
+            log_probs = torch.stack([r["out"].float().log_softmax(1) for r in results.values()])
+            fused = torch.logsumexp(log_probs, 0) - math.log(len(results))
+        scores = {f"{FUSED}.out": fused, **{f"{n}.out": r["out"] for n, r in results.items()}}
+        selected = f"{self.output}.out"
+        return {"out": scores[selected], selected: scores[selected], **scores, **out}
+
+
+def check_output_name(choice: str, members: Sequence[str], where: str) -> str:
+    """``choice`` if it names an output of a model with these members (one line if not)."""
+    allowed = [FUSED, *members] if len(members) > 1 else list(members)
+    if choice not in allowed:
+        raise ValueError(f"{where}: unknown output {choice!r}; one of {allowed}")
+    return choice
+
+
+def output_names(model: nn.Module) -> list[str]:
+    """The outputs :func:`select_output` accepts: ``fused`` and each member, or ``out``."""
+    if isinstance(model, CooperativeNet) and len(model.members) > 1:
+        return [FUSED, *model.member_names]
+    return ["out"]
+
+
+def select_output(model: nn.Module, choice: str | None = None) -> str:
+    """Make ``model``'s eval-mode ``"out"`` the output ``choice`` (None: the model's
+    configured ``report``) and return its name; raises ValueError naming the choices.
+
+    Non-cooperative models have one output: only None and ``"out"`` are accepted."""
+    inner = getattr(model, "module", model)  # DDP / compiled wrappers
+    if not isinstance(inner, CooperativeNet) or len(inner.members) == 1:
+        if choice not in (None, "out"):
+            raise ValueError(f"--output {choice}: this model has one output ('out')")
+        return "out"
+    if choice is not None:
+        inner.output = check_output_name(choice, inner.member_names, "--output")
+    return inner.output
 
 
 def check_cooperative_section(model: Mapping[str, Any], check_member) -> None:

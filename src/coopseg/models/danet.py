@@ -222,13 +222,17 @@ class DANet(TappedNetwork):
         stride = self.backbone.feature_info.reduction()[-1]
         channels = head_channels or in_ch // 4
         self.output_stride = stride
+        # Presets link inside the two streams only (feature-sharing paper §4.3): the
+        # same-layer link sends each stream's attention output into the partner's
+        # stream conv, which is then exactly 2x wide (§3.1); the reductions are also
+        # sent by the multiple-layer link. The backbone and fused maps are opt-in.
         known = {
-            "backbone": TapInfo(in_ch, stride),
-            "position.reduce": TapInfo(channels, stride, "position"),
-            "channel.reduce": TapInfo(channels, stride, "channel"),
+            "backbone": TapInfo(in_ch, stride, role=None),
+            "position.reduce": TapInfo(channels, stride, "position", role="send"),
+            "channel.reduce": TapInfo(channels, stride, "channel", role="send"),
             "position.attention": TapInfo(channels, stride, "position"),
             "channel.attention": TapInfo(channels, stride, "channel"),
-            "fusion": TapInfo(channels, stride),
+            "fusion": TapInfo(channels, stride, role=None),
         }
         extra = check_extra_channels(extra_channels, known, "danet")
         self.extra_channels = extra
@@ -236,7 +240,7 @@ class DANet(TappedNetwork):
         # The attention taps carry the attention module's (possibly widened) width.
         self.tap_info = dict(known)
         for s, width in widths.items():
-            self.tap_info[f"{s}.attention"] = TapInfo(width, stride, s)
+            self.tap_info[f"{s}.attention"] = TapInfo(width, stride, s)  # role "same"
         self.position = DANetStream(
             in_ch + extra.get("backbone", 0),
             channels,

@@ -19,8 +19,16 @@ projected to ``channels`` (128) by a 1x1 conv + BN + ReLU.
   upsample to the input size.
 - **Auxiliary heads** (training mode only, deep supervision as in HED, the paper's
   [26]): a 1x1 classifier on the fused context (``"aux_context"``, the DAFM output) and
-  one on X^SI (``"aux_spatial"``), both upsampled to the input size. The paper's loss
-  is ``L_p + 0.4 L_c + 0.1 L_s``, hence ``default_aux_weights``.
+  one on the spatial path (``"aux_spatial"``), both upsampled to the input size. The
+  paper's loss is ``L_p + 0.4 L_c + 0.1 L_s``, hence ``default_aux_weights``.
+  Which spatial map the paper supervises is ambiguous, so ``aux_spatial_on`` offers
+  both readings. ``"raw"`` (default) is the literal one: y_s is "the output from spatial
+  information", and the paper defines the spatial information as X^SI itself ("X^SI is
+  the spatial information (low-level features)", Eq. 9), calling beta*X^SI the
+  "filtered"/"weighted spatial information". ``"weighted"`` supervises beta*X^SI, the
+  2DPAM output (the conclusion's "the optimized features are used as the source of
+  ... spatial information"); without 2DPAM (``fusion`` ``"sum"``/``"dafm"``) beta is 1 and
+  both readings are the same map.
 
 Ablations (the paper's Tables 1-2, ``fusion=``): ``"sum"`` is the baseline, where a
 plain summation replaces *both* modules (context = Low + up(High); fused =
@@ -87,6 +95,7 @@ from .deeplabv3plus import conv_bn_relu, init_head
 from .taps import TapInfo, TappedNetwork, TapStream, check_extra_channels
 
 FUSIONS = ("sum", "dafm", "dafm+2dpam")
+AUX_SPATIAL_ON = ("raw", "weighted")
 
 
 def _resize(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
@@ -140,7 +149,9 @@ class PositionAttention(nn.Module):
 
 
 class DFDAM(TappedNetwork):
-    """DF-DAM; ``fusion`` selects the ablation, ``extra_channels`` widens tap consumers."""
+    """DF-DAM; ``fusion`` selects the ablation, ``aux_spatial_on`` the map the spatial
+    auxiliary head reads (``"raw"`` X^SI or ``"weighted"`` beta*X^SI), ``extra_channels``
+    widens tap consumers."""
 
     default_aux_weights: ClassVar[dict[str, float]] = {"aux_context": 0.4, "aux_spatial": 0.1}
 
@@ -152,12 +163,19 @@ class DFDAM(TappedNetwork):
         fusion: str = "dafm+2dpam",
         channels: int = 128,
         attention_channels: int = 32,
+        aux_spatial_on: str = "raw",
         extra_channels: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"dfdam: fusion must be one of {list(FUSIONS)}, got {fusion!r}")
+        if aux_spatial_on not in AUX_SPATIAL_ON:
+            raise ValueError(
+                f"dfdam: aux_spatial_on must be one of {list(AUX_SPATIAL_ON)}, "
+                f"got {aux_spatial_on!r}"
+            )
         self.fusion = fusion
+        self.aux_spatial_on = aux_spatial_on
         self.use_dafm = fusion != "sum"
         self.use_2dpam = fusion == "dafm+2dpam"
         self.record_attention = False
@@ -252,7 +270,8 @@ class DFDAM(TappedNetwork):
         out = {"out": _resize(self.classifier(y), size)}
         if self.training:
             out["aux_context"] = _resize(self.aux_context(context), size)
-            out["aux_spatial"] = _resize(self.aux_spatial(spatial), size)
+            supervised = selected if self.aux_spatial_on == "weighted" else spatial
+            out["aux_spatial"] = _resize(self.aux_spatial(supervised), size)
         return out
 
 

@@ -3,49 +3,58 @@
 Two agents share an encoder M: a classifier C(M(x)) and a segmenter S(M(x)). Each agent
 is trained by its own optimizer over M and its private part (``coopseg.engine.joint``);
 this module only builds the network and names its three parameter groups
-(:meth:`JointSeg.agent_parameters`).
+(:meth:`JointSeg.agent_parameters`). "Paper:" marks what the paper states, "ours:" a
+choice it leaves open (docs/jointseg.md lists the readings each option offers).
 
-- **Residual inception block** (paper Fig. 2): four branches on the block input, a 1x1
-  conv; 1x1 -> 3x3; 1x1 -> 3x3 -> 3x3 (a 5x5 receptive field); and the paper's extra
-  3x3 conv *before* a 3x3 stride-1 max-pool. Branches are concatenated, a 3x3 conv maps
-  the concatenation to the output width ("to reduce aliasing") and a 1x1-conv projection
-  of the block input (same width) is added: ``ReLU(BN(conv3x3(cat)) + BN(conv1x1(x)))``.
-  Every conv is followed by BN (+ ReLU inside branches). The **factorized** variant
-  (Fig. 3, classifier node) replaces every 3x3 conv by a 1x3 then a 3x1 conv.
-- **Shared encoder M**: a 3x3 stem conv (stride ``stem_stride``), then one level per
-  entry of ``widths``; every level after the first starts with a 3x3 stride-2 conv
-  (downsampling by strided convolution, no pooling) followed by ``blocks`` residual
-  inception blocks. The last map of each level is an encoder map E_i; the deepest one
-  feeds both agents. It follows the encoder protocol of
-  :func:`coopseg.models.backbones.resolve_encoder`, so ``create_model("unet",
-  backbone=JointSegEncoder(...))`` and FCN-8s (with maps at strides 8/16/32) work.
-- **Classifier agent C**: ``cls_blocks`` factorized residual inception blocks at the
-  deepest resolution, global average pooling, dropout, one fully connected layer.
-- **Segmentation agent S**: per decoder stage a 2x2 stride-2 transposed convolution
-  (cropped to the size of the encoder level it reaches, as U-Net does with odd sizes),
-  then **partial attention gating** (PAG, Fig. 4) over the encoder maps.
+- **Residual inception block** (paper Fig. 2): paper: a base inception block with "an
+  additional convolution ... before max-pooling", the concatenated features "convolved
+  with another 3x3 convolution" and "added with 1x1 convolved input features; both
+  operations have the same number of output filters". Ours (the figure is not in the
+  text): four branches on the block input, 1x1; 1x1 -> 3x3; 1x1 -> 3x3 -> 3x3; 3x3 ->
+  3x3 stride-1 max-pool, each a quarter of the output width, and
+  ``ReLU(BN(conv3x3(cat)) + BN(conv1x1(x)))``; every conv is followed by BN (paper: "batch
+  normalization is used") and ReLU inside the branches. The **factorized** variant
+  (paper Fig. 3, "convolution factorization", classifier node) replaces every 3x3 conv
+  by a 1x3 then a 3x1 conv.
+- **Shared encoder M**: paper: "strided convolution is used to down-sample" and "for
+  each spatial dimension level of the encoder ... multiples cascaded residual inception
+  blocks were used". Ours: a 3x3 stem conv (stride ``stem_stride``), then one level per
+  entry of ``widths``; every level after the first starts with a 3x3 stride-2 conv,
+  followed by ``blocks`` residual inception blocks (default 2: "multiples"). The last map
+  of each level is an encoder map E_i ("the last feature maps (before reducing the feature
+  map width and height for each block)"); the deepest one feeds both agents. It follows
+  the encoder protocol of :func:`coopseg.models.backbones.resolve_encoder`, so
+  ``create_model("unet", backbone=JointSegEncoder(...))`` and FCN-8s work.
+- **Classifier agent C**: paper: factorized residual inception blocks, "followed by a
+  global pool layer and a fully connected layer". Ours: ``cls_blocks`` of them at the
+  deepest resolution, average pooling, dropout (``cls_dropout``) before the FC layer.
+- **Segmentation agent S**: paper: "consecutive transposed convolutions with 2x2 stride
+  and 2x2 kernel size followed by a partial attention block"; the decoder remaps features
+  to maps "of same width and height as input". One stage per encoder level below the
+  deepest, plus one more when ``stem_stride=2`` so that the last transposed convolution
+  reaches the input size (no bilinear upsampling). Each upsampled map is cropped to the
+  size of the level it reaches (odd sizes, as U-Net does), then gated.
 
-PAG. For an upsampled map U, an encoder map E_i takes part (switch on) only when
-``a_i = min(h, w of E_i) / min(h, w of U) >= 1``; it is brought to U's size by a
-max-pool with kernel = stride = a_i when a_i > 1 (an integer ratio on both axes), the
-identity when E_i already has U's size, and an adaptive max-pool to U's size when the
+PAG (paper Fig. 4, Eq. 3). For an upsampled map U, E_i takes part (switch on) only when
+``a_i = min(h, w of E_i) / min(h, w of U) >= 1`` (paper: "only focuses on the encoder
+feature maps with spatial resolutions equal or larger than that of the upsampling
+outputs"); it is brought to U's size by a max-pool with kernel = stride = a_i when
+a_i > 1 and the identity at a_i = 1. Ours: an adaptive max-pool to U's size when the
 ratio is not an integer (odd input sizes; equal to the strided max-pool on exact
-multiples). Candidates are the maps of the level U reaches and every shallower level;
-deeper maps are smaller than U except in degenerate 1-pixel cases and are never used,
-which keeps channel counts fixed at construction.
-
-How the gated maps meet the decoder map (the paper's Fig. 4 is not in its text; this is
-our reading, chosen to be both "attention" and "gating"): each pooled map P_i gets a
-spatial gate ``g_i = sigmoid(psi(ReLU(theta(P_i) + phi(U))))`` (1x1 convs, additive
-attention in the style of Attention U-Net), the gated maps ``g_i * P_i`` are
-concatenated with U, and a residual inception block fuses the concatenation to the
-stage width. A 1x1 classifier follows the last stage; logits are bilinearly resized to
-the input size when the shallowest level has stride > 1.
+multiples). The final full-resolution stage has no E_i that large, so its switch is off
+for every map. The paper describes no learned gate beyond this switch and pooling:
+``pag_gate="none"`` (default) uses the pooled maps P_i as they are; ``"additive"`` (ours,
+Attention U-Net style) multiplies each by ``sigmoid(psi(ReLU(theta(P_i) + phi(U))))``.
+Ours, in both: U and the (gated) P_i are concatenated and a residual inception block
+fuses them to the stage width. A 1x1 classifier follows the last stage.
 
 ``forward(x)`` returns ``{"out": segmentation logits, "cls": class logits}``;
 ``forward(x, task="seg")`` / ``task="cls"`` compute one agent's path only (what each
 optimizer step needs). Taps: ``encoder`` (deepest encoder map) -> ``decoder.0`` ...
 ``decoder.N-1``; ``extra_channels`` is not supported.
+
+:func:`timm_classifier` wraps a timm classifier (random init, offline) as a classifier
+agent, for the paper's Table III baselines (VGG-19, Inception-v3).
 """
 
 from __future__ import annotations
@@ -59,56 +68,12 @@ from torch import nn
 from .backbones import PretrainedArg
 from .deeplabv3plus import init_head
 from .fcn import fit_to
+from .inception import ResidualInception, conv_bn
 from .taps import TapInfo, TappedNetwork, TapStream, run_taps
 from .unet import EncoderFeatureInfo
 
 TASKS = ("both", "seg", "cls")
-
-
-def conv_bn(
-    in_ch: int, out_ch: int, kernel: int | tuple[int, int], stride: int = 1, relu: bool = True
-) -> nn.Sequential:
-    """Conv ("same" padding for odd kernels) + BN (+ ReLU)."""
-    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
-    layers: list[nn.Module] = [
-        nn.Conv2d(in_ch, out_ch, (kh, kw), stride=stride, padding=(kh // 2, kw // 2), bias=False),
-        nn.BatchNorm2d(out_ch),
-    ]
-    if relu:
-        layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
-
-
-def spatial_conv(
-    in_ch: int, out_ch: int, factorized: bool, n: int = 3, relu: bool = True
-) -> nn.Sequential:
-    """An n x n conv, or its factorization 1 x n then n x 1 (the classifier node's)."""
-    if not factorized:
-        return conv_bn(in_ch, out_ch, n, relu=relu)
-    return nn.Sequential(conv_bn(in_ch, out_ch, (1, n)), conv_bn(out_ch, out_ch, (n, 1), relu=relu))
-
-
-class ResidualInception(nn.Module):
-    """The paper's residual inception block (``factorized=True``: its Fig. 3 variant)."""
-
-    def __init__(self, in_ch: int, out_ch: int, factorized: bool = False, n: int = 3) -> None:
-        super().__init__()
-        b = max(out_ch // 4, 1)  # branch width; the concatenation is 4b wide
-
-        def conv(c_in: int, c_out: int) -> nn.Sequential:
-            return spatial_conv(c_in, c_out, factorized, n)
-
-        self.branch1 = conv_bn(in_ch, b, 1)
-        self.branch3 = nn.Sequential(conv_bn(in_ch, b, 1), conv(b, b))
-        self.branch5 = nn.Sequential(conv_bn(in_ch, b, 1), conv(b, b), conv(b, b))
-        self.branch_pool = nn.Sequential(conv(in_ch, b), nn.MaxPool2d(3, stride=1, padding=1))
-        self.merge = spatial_conv(4 * b, out_ch, factorized, n, relu=False)
-        self.residual = conv_bn(in_ch, out_ch, 1, relu=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        branches = (self.branch1, self.branch3, self.branch5, self.branch_pool)
-        cat = torch.cat([branch(x) for branch in branches], 1)
-        return F.relu(self.merge(cat) + self.residual(x))
+PAG_GATES = ("none", "additive")
 
 
 def _per_level(value: int | Sequence[int], levels: int, name: str) -> list[int]:
@@ -125,7 +90,7 @@ class JointSegEncoder(nn.Module):
         self,
         in_chans: int = 3,
         widths: Sequence[int] = (32, 64, 128, 256, 512),
-        blocks: int | Sequence[int] = 1,
+        blocks: int | Sequence[int] = 2,
         stem_stride: int = 2,
     ) -> None:
         super().__init__()
@@ -175,25 +140,40 @@ def pag_pool(e: torch.Tensor, up_size: Sequence[int]) -> torch.Tensor:
 
 
 class PartialAttentionGate(nn.Module):
-    """PAG over the candidate encoder maps, then fusion with the upsampled map U."""
+    """PAG over the switched-on encoder maps, then fusion with the upsampled map U.
 
-    def __init__(self, up_ch: int, encoder_chs: Sequence[int], out_ch: int) -> None:
+    ``gate="none"``: the paper's switch + max-pool only; ``"additive"`` (ours): each pooled
+    map is also multiplied by a learned spatial gate. ``encoder_chs`` may be empty (no
+    encoder map is as large as U): the block then fuses U alone.
+    """
+
+    def __init__(
+        self, up_ch: int, encoder_chs: Sequence[int], out_ch: int, gate: str = "none"
+    ) -> None:
         super().__init__()
-        inter = max(min(up_ch, 64) // 2, 4)
-        self.theta = nn.ModuleList(nn.Conv2d(c, inter, 1) for c in encoder_chs)
-        self.phi = nn.ModuleList(nn.Conv2d(up_ch, inter, 1, bias=False) for _ in encoder_chs)
-        self.psi = nn.ModuleList(nn.Conv2d(inter, 1, 1) for _ in encoder_chs)
+        if gate not in PAG_GATES:
+            raise ValueError(f"pag_gate must be one of {list(PAG_GATES)}, got {gate!r}")
+        self.gate, self.encoder_chs = gate, list(encoder_chs)
+        if gate == "additive":
+            inter = max(min(up_ch, 64) // 2, 4)
+            self.theta = nn.ModuleList(nn.Conv2d(c, inter, 1) for c in encoder_chs)
+            self.phi = nn.ModuleList(nn.Conv2d(up_ch, inter, 1, bias=False) for _ in encoder_chs)
+            self.psi = nn.ModuleList(nn.Conv2d(inter, 1, 1) for _ in encoder_chs)
         self.fuse = ResidualInception(up_ch + sum(encoder_chs), out_ch)
 
     def forward(self, up: torch.Tensor, encoder_maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(encoder_maps) != len(self.encoder_chs):
+            raise ValueError(
+                f"PAG: expected {len(self.encoder_chs)} encoder maps, got {len(encoder_maps)}"
+            )
         size = up.shape[-2:]
         parts = [up]
         for i, e in enumerate(encoder_maps):
-            if pag_ratio(e.shape[-2:], size) < 1:  # cannot happen for shallower levels
-                raise ValueError(f"PAG: encoder map {tuple(e.shape[-2:])} smaller than {size}")
-            pooled = pag_pool(e, size)
-            gate = torch.sigmoid(self.psi[i](F.relu(self.theta[i](pooled) + self.phi[i](up))))
-            parts.append(gate * pooled)
+            pooled = pag_pool(e, size)  # raises if the switch is off (E_i smaller than U)
+            if self.gate == "additive":
+                g = torch.sigmoid(self.psi[i](F.relu(self.theta[i](pooled) + self.phi[i](up))))
+                pooled = g * pooled
+            parts.append(pooled)
         return self.fuse(torch.cat(parts, 1))
 
 
@@ -206,12 +186,13 @@ class JointSeg(TappedNetwork):
         num_cls_classes: int = 5,
         in_chans: int = 3,
         widths: Sequence[int] = (32, 64, 128, 256, 512),
-        blocks: int | Sequence[int] = 1,
+        blocks: int | Sequence[int] = 2,
         stem_stride: int = 2,
         decoder_channels: Sequence[int] | None = None,
         cls_width: int | None = None,
         cls_blocks: int = 2,
         cls_dropout: float = 0.2,
+        pag_gate: str = "none",
         pretrained: PretrainedArg = False,
     ) -> None:
         super().__init__()
@@ -220,13 +201,20 @@ class JointSeg(TappedNetwork):
                 "jointseg has no pretrained weights: it is trained from random init (load a "
                 "state dict into model.encoder to start from a pretrained encoder)"
             )
+        if pag_gate not in PAG_GATES:
+            raise ValueError(f"pag_gate must be one of {list(PAG_GATES)}, got {pag_gate!r}")
         widths = list(widths)
         if len(widths) < 2:
             raise ValueError(f"jointseg needs at least 2 encoder levels, got widths={widths}")
         self.encoder = JointSegEncoder(in_chans, widths, blocks, stem_stride)
         strides = self.encoder.feature_info.reduction()
-        targets = list(range(len(widths) - 2, -1, -1))  # levels reached, deep to shallow
-        dec = list(decoder_channels) if decoder_channels is not None else widths[-2::-1]
+        # levels reached, deep to shallow; None: the input size (below a stride-2 stem)
+        targets: list[int | None] = list(range(len(widths) - 2, -1, -1))
+        default_dec = widths[-2::-1]
+        if stem_stride > 1:
+            targets.append(None)
+            default_dec.append(widths[0])
+        dec = list(decoder_channels) if decoder_channels is not None else default_dec
         if len(dec) != len(targets) or min(dec) < 1:
             raise ValueError(
                 f"decoder_channels needs {len(targets)} positive widths, one per stage, got {dec}"
@@ -236,7 +224,8 @@ class JointSeg(TappedNetwork):
         in_ch = widths[-1]
         for level, width in zip(targets, dec, strict=True):
             self.ups.append(nn.ConvTranspose2d(in_ch, width, 2, stride=2))
-            self.gates.append(PartialAttentionGate(width, widths[: level + 1], width))
+            attended = [] if level is None else widths[: level + 1]  # the maps with a_i >= 1
+            self.gates.append(PartialAttentionGate(width, attended, width, pag_gate))
             in_ch = width
         self.seg_classifier = nn.Conv2d(in_ch, num_classes, 1)
         self.targets = targets
@@ -257,7 +246,7 @@ class JointSeg(TappedNetwork):
         self.num_classes, self.num_cls_classes = num_classes, num_cls_classes
         self.tap_info = {"encoder": TapInfo(widths[-1], strides[-1])}
         for n, (level, width) in enumerate(zip(targets, dec, strict=True)):
-            self.tap_info[f"decoder.{n}"] = TapInfo(width, strides[level])
+            self.tap_info[f"decoder.{n}"] = TapInfo(width, 1 if level is None else strides[level])
 
         init_head([self])
 
@@ -293,12 +282,51 @@ class JointSeg(TappedNetwork):
         if task == "cls":
             return out
         for n, (up, gate, level) in enumerate(zip(self.ups, self.gates, self.targets, strict=True)):
-            u = fit_to(up(y), maps[level].shape[-2:])
-            y = yield f"decoder.{n}", gate(u, maps[: level + 1])
+            if level is None:  # the last stage: the input size, no encoder map that large
+                y = yield f"decoder.{n}", gate(fit_to(up(y), size), [])
+            else:
+                u = fit_to(up(y), maps[level].shape[-2:])
+                y = yield f"decoder.{n}", gate(u, maps[: level + 1])
         logits = self.seg_classifier(y)
-        if logits.shape[-2:] != size:
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        if logits.shape[-2:] != size:  # stem_stride=1 ends at the input size too
+            raise RuntimeError(
+                f"jointseg decoder ended at {tuple(logits.shape[-2:])}, not {tuple(size)}"
+            )
         return {"out": logits, **out}
 
     def forward(self, x: torch.Tensor, task: str = "both") -> dict[str, torch.Tensor]:
         return run_taps(self.forward_taps(x, task))
+
+
+class ClassifierBaseline(nn.Module):
+    """A plain image classifier dressed as a classifier agent (``forward(x, task="cls")``,
+    ``agent_parameters("cls")``), so the joint trainer's ``tasks=("cls",)`` loop trains
+    and evaluates it exactly like JointSeg's agent: the paper's Table III baselines."""
+
+    def __init__(self, model: nn.Module, num_cls_classes: int) -> None:
+        super().__init__()
+        self.model, self.num_cls_classes = model, num_cls_classes
+
+    def agent_parameters(self, agent: str, private_only: bool = False) -> list[nn.Parameter]:
+        """Every parameter belongs to the classifier agent (there is no segmenter)."""
+        if agent != "cls":
+            raise ValueError(f"a classifier baseline has only the 'cls' agent, not {agent!r}")
+        return list(self.model.parameters())
+
+    def forward(self, x: torch.Tensor, task: str = "cls") -> dict[str, torch.Tensor]:
+        if task != "cls":
+            raise ValueError(f"a classifier baseline computes task 'cls' only, not {task!r}")
+        return {"cls": self.model(x)}
+
+
+def timm_classifier(
+    name: str, num_cls_classes: int, in_chans: int = 3, **kwargs: object
+) -> ClassifierBaseline:
+    """``timm.create_model(name, pretrained=False, num_classes=...)`` as a classifier agent:
+    random init (as JointSeg's agent starts), so nothing is downloaded."""
+    import timm
+
+    model = timm.create_model(
+        name, pretrained=False, num_classes=num_cls_classes, in_chans=in_chans, **kwargs
+    )
+    return ClassifierBaseline(model, num_cls_classes)

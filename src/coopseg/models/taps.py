@@ -25,11 +25,26 @@ class TapInfo:
     """What flows through a tap: channel count, stride relative to the input, and
     the stream it belongs to (e.g. DANet's ``"position"``/``"channel"``; ``None`` for
     taps outside any stream). Cooperative links never join taps of different streams.
+
+    ``role`` says which cooperative presets link the tap, so that the one-way and the
+    cross presets of a given architecture use the same layers:
+
+    * ``"same"``: linked by the same-layer presets (``oneway-same``, ``cross``) and sent
+      by ``oneway-multiple``;
+    * ``"connection1"`` / ``"connection2"``: like ``"same"`` when that switch is on (the
+      cross paper's extra connections: DeepLabv3+'s backbone and ASPP outputs);
+    * ``"send"``: only sent by ``oneway-multiple`` (a shallower layer of the sender);
+    * ``None``: never linked by a preset; ``model.links`` may still name it.
+
+    ``receives`` is False for taps whose map is only read (backbone stages computed in
+    one call): a link may send from them but not to them.
     """
 
     channels: int
     stride: int
     group: str | None = None
+    role: str | None = "same"
+    receives: bool = True
 
 
 def run_taps(

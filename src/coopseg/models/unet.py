@@ -3,9 +3,11 @@
 Decoder, at each scale from the deepest up: a 2x2 stride-2 transposed convolution
 (kernel = stride = the stride ratio, 2 on every usual encoder) to the stage's width, the
 encoder's skip map at that scale concatenated to it, then two 3x3 conv (+BN) + ReLU; a
-1x1 classifier at the end. Stage widths (``decoder_channels``, deep to shallow) default to
-the classic rule, each stage as wide as its skip map (1024 -> 512 -> 256 -> 128 -> 64
-on the classic encoder).
+1x1 classifier at the end. ``decoder_block="inception"`` replaces the double conv by the
+JointSeg paper's residual inception block (``coopseg.models.inception.ResidualInception``;
+paper: "we use the improved inception block for UNet"). Stage widths
+(``decoder_channels``, deep to shallow) default to the classic rule, each stage as wide as
+its skip map (1024 -> 512 -> 256 -> 128 -> 64 on the classic encoder).
 
 Encoders:
 
@@ -46,6 +48,7 @@ from torch import nn
 from .backbones import PretrainedArg, resolve_encoder
 from .deeplabv3plus import init_head
 from .fcn import fit_to
+from .inception import ResidualInception
 from .taps import TapInfo, TappedNetwork, TapStream, check_extra_channels
 
 
@@ -100,15 +103,30 @@ class UNetEncoder(nn.Module):
         return features
 
 
+DECODER_BLOCKS = ("double_conv", "inception")
+
+
 class UpStage(nn.Module):
-    """Upsample (transposed conv, kernel = stride), concatenate the skip, double conv."""
+    """Upsample (transposed conv, kernel = stride), concatenate the skip, then a double conv
+    or (``block="inception"``) a residual inception block."""
 
     def __init__(
-        self, in_ch: int, skip_ch: int, out_ch: int, factor: int, batch_norm: bool
+        self,
+        in_ch: int,
+        skip_ch: int,
+        out_ch: int,
+        factor: int,
+        batch_norm: bool,
+        block: str = "double_conv",
     ) -> None:
         super().__init__()
         self.up = nn.ConvTranspose2d(in_ch, out_ch, factor, stride=factor)
-        self.conv = double_conv(out_ch + skip_ch, out_ch, batch_norm)
+        if block == "inception":
+            self.conv: nn.Module = ResidualInception(out_ch + skip_ch, out_ch)
+        elif block == "double_conv":
+            self.conv = double_conv(out_ch + skip_ch, out_ch, batch_norm)
+        else:
+            raise ValueError(f"decoder_block must be one of {list(DECODER_BLOCKS)}, got {block!r}")
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         up = fit_to(self.up(x), skip.shape[-2:])
@@ -127,6 +145,7 @@ class UNet(TappedNetwork):
         decoder_channels: Sequence[int] | None = None,
         batch_norm: bool = True,
         extra_channels: Mapping[str, int] | None = None,
+        decoder_block: str = "double_conv",
     ) -> None:
         super().__init__()
         classic = isinstance(backbone, str) and backbone == "unet"
@@ -163,7 +182,7 @@ class UNet(TappedNetwork):
         in_ch = channels[-1] + extra.get("encoder", 0)
         for n, (i, width) in enumerate(zip(skips, widths, strict=True)):
             factor = strides[i + 1] // strides[i]
-            stages.append(UpStage(in_ch, channels[i], width, factor, batch_norm))
+            stages.append(UpStage(in_ch, channels[i], width, factor, batch_norm, decoder_block))
             in_ch = width + extra.get(f"decoder.{n}", 0)
         self.decoder = nn.ModuleList(stages)
         self.classifier = nn.Conv2d(in_ch, num_classes, 1)
