@@ -145,7 +145,7 @@ def test_default_stride_is_two_thirds_of_the_crop() -> None:
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ({"mode": "sliding"}, r"eval.mode: expected one of \['whole', 'slide'\]"),
+        ({"mode": "sliding"}, r"eval.mode: expected one of \['whole', 'slide'.*got 'sliding'"),
         ({"crop_size": [512]}, r"eval.crop_size: expected \[height, width\]"),
         ({"crop_size": [0, 512]}, r"eval.crop_size: expected \[height, width\]"),
         ({"stride": [-1, 4]}, r"eval.stride: expected \[height, width\]"),
@@ -260,3 +260,179 @@ def test_cli_slide_flags(make_config, tmp_path, capsys) -> None:
     assert (report["mode"], report["crop_size"], report["stride"]) == ("slide", [64, 64], [32, 40])
     assert main([*argv, "--stride", "64", "65"]) == 2
     assert "eval.stride [64, 65] is larger" in capsys.readouterr().err
+
+
+# -- coopseg predict: backends, output choice, unreadable inputs, output names ------------
+
+
+def _save_images(folder, sizes: dict[str, tuple[int, int]], seed: int = 0) -> list:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for name, (h, w) in sizes.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def predict_setup(tmp_path_factory):
+    """A tiny initialised DeepLabv3+ checkpoint, its dynamic and fixed ONNX graphs, images."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from coopseg.engine.export import export_checkpoint
+
+    from .conftest import TINY_MEMBER
+
+    folder = tmp_path_factory.mktemp("predict")
+    cfg = config_from_dict(
+        {"model": {**TINY_MEMBER, "num_classes": 11}, "data": {"crop_size": [32, 48]}}
+    )
+    arch, kwargs = model_kwargs(cfg.model)
+    torch.manual_seed(0)
+    palette = [[i * 20, 255 - i * 20, 9 * i] for i in range(11)]
+    ckpt = folder / "w.safetensors"
+    save_weights(ckpt, create_model(arch, **kwargs), cfg, {"palette": palette})
+    dynamic, fixed = folder / "dynamic.onnx", folder / "fixed.onnx"
+    export_checkpoint(ckpt, dynamic, dynamic=True)
+    export_checkpoint(ckpt, fixed)  # 1 x 3 x 32 x 48, the config's crop
+    images = _save_images(folder / "images", {"a.png": (37, 91), "b.jpg": (64, 64)})
+    return ckpt, dynamic, fixed, images
+
+
+def _outputs(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "options", [[], ["--scales", "0.75", "1", "--flip"], ["--slide", "32", "48", "--flip"]]
+)
+def test_onnxruntime_predicts_the_same_masks_as_pytorch(predict_setup, tmp_path, options) -> None:
+    ckpt, dynamic, _, images = predict_setup
+    files = [str(p) for p in images]
+    torch_out, ort_out = tmp_path / "torch", tmp_path / "ort"
+    reference = ["predict", *files, "--checkpoint", str(ckpt), "--out", str(torch_out)]
+    assert main([*reference, *options]) == 0
+    argv = ["predict", *files, "--backend", "onnxruntime", "--model", str(dynamic)]
+    assert main([*argv, "--out", str(ort_out), *options]) == 0
+    expected = _outputs(torch_out)
+    assert sorted(expected) == ["a_mask.png", "a_overlay.png", "b_mask.png", "b_overlay.png"]
+    assert _outputs(ort_out) == expected  # masks and overlays, byte for byte
+
+
+@pytest.mark.slow
+def test_fixed_size_graph_predicts_through_windows_of_its_size(
+    predict_setup, tmp_path, capsys
+) -> None:
+    ckpt, _, fixed, images = predict_setup
+    files = [str(p) for p in images]
+    ort = ["predict", *files, "--model", str(fixed)]
+    assert main([*ort, "--out", str(tmp_path / "o")]) == 2  # 37x91 into a 32x48 graph
+    err = capsys.readouterr().err
+    assert "takes 32x48 images only" in err and "--slide 32 48" in err and "--dynamic" in err
+    assert main([*ort, "--out", str(tmp_path / "o"), "--scales", "0.5", "1"]) == 2
+    assert "--scales" in capsys.readouterr().err
+    assert main([*ort, "--out", str(tmp_path / "o"), "--slide", "40", "40"]) == 2
+    assert "--slide 40 40" in capsys.readouterr().err
+    window = ["--slide", "32", "48", "--scales", "0.5", "1"]  # 0.5 x 37x91 < the window: padded
+    assert main([*ort, "--out", str(tmp_path / "ort"), *window]) == 0
+    reference = ["predict", *files, "--checkpoint", str(ckpt), "--out", str(tmp_path / "pt")]
+    assert main([*reference, *window]) == 0
+    assert _outputs(tmp_path / "ort") == _outputs(tmp_path / "pt")
+
+
+def test_predict_output_chooses_a_cooperative_member(make_config, tmp_path, capsys) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from .conftest import tiny_cooperative
+
+    cfg = make_config(name="coop-out", model=tiny_cooperative("cross"))
+    arch, kwargs = model_kwargs(cfg.model)
+    torch.manual_seed(0)
+    model = create_model(arch, **kwargs).eval()
+    ckpt = tmp_path / "pair.safetensors"
+    save_weights(ckpt, model, cfg, {"palette": [[i * 20, 0, 0] for i in range(11)]})
+    (path,) = _save_images(tmp_path, {"photo.png": (40, 56)})
+    rgb = np.array(Image.open(path))
+    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    x = (torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255 - mean) / std
+    with torch.no_grad():
+        outputs = model(x)
+    for name in ("bottom", "fused"):
+        out = tmp_path / name
+        argv = ["predict", str(path), "--checkpoint", str(ckpt), "--out", str(out)]
+        assert main([*argv, "--output", name]) == 0
+        mask = np.asarray(Image.open(out / "photo_mask.png"))
+        assert np.array_equal(mask, outputs[f"{name}.out"].argmax(1)[0].numpy())
+    argv = ["predict", str(path), "--checkpoint", str(ckpt), "--out", str(tmp_path / "x")]
+    assert main([*argv, "--output", "left"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown output 'left'" in err and "bottom" in err
+
+
+@pytest.fixture(scope="module")
+def plain_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("plain")
+    cfg = config_from_dict({"model": {"arch": "unet", "base_channels": 4, "num_classes": 3}})
+    arch, kwargs = model_kwargs(cfg.model)
+    torch.manual_seed(0)
+    path = folder / "unet.safetensors"
+    save_weights(path, create_model(arch, **kwargs), cfg, {"palette": [[0, 0, 0]] * 3})
+    return path
+
+
+def test_predict_goes_on_past_unreadable_inputs_and_exits_1(
+    plain_checkpoint, tmp_path, capsys
+) -> None:
+    bad = tmp_path / "in" / "broken.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x89PNG not really")
+    (good,) = _save_images(tmp_path / "in", {"good.png": (20, 24)})
+    missing = tmp_path / "in" / "gone.jpg"
+    out = tmp_path / "out"
+    argv = ["predict", str(bad), str(missing), str(good), "--checkpoint", str(plain_checkpoint)]
+    assert main([*argv, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "broken.png: cannot read image" in err and "gone.jpg: no such file" in err
+    assert sorted(p.name for p in out.iterdir()) == ["good_mask.png", "good_overlay.png"]
+
+
+def test_inputs_sharing_a_stem_get_distinct_outputs(plain_checkpoint, tmp_path) -> None:
+    from PIL import Image
+
+    sizes = {"a/x.png": (20, 24), "b/x.jpg": (16, 12), "c/y.png": (8, 8), "c/y.jpg": (9, 9)}
+    paths = _save_images(tmp_path / "in", sizes)
+    out = tmp_path / "out"
+    argv = ["predict", *map(str, paths), "--checkpoint", str(plain_checkpoint), "--out", str(out)]
+    assert main(argv) == 0
+    masks = {p.name: Image.open(p).size for p in out.iterdir() if p.name.endswith("_mask.png")}
+    assert masks == {
+        "a_x_mask.png": (24, 20),
+        "b_x_mask.png": (12, 16),
+        "y_png_mask.png": (8, 8),
+        "y_jpg_mask.png": (9, 9),
+    }
+
+
+def test_output_stems_are_unique_and_keep_plain_stems(tmp_path) -> None:
+    from coopseg.engine.predict import output_stems
+
+    files = [
+        tmp_path / "a" / "x.png",
+        tmp_path / "b" / "x.png",
+        tmp_path / "p" / "q" / "x.png",
+        tmp_path / "z.png",
+        tmp_path / "a_x.png",  # its own stem is what the first one would be named
+    ]
+    names = output_stems(files)
+    assert len(set(names.values())) == len(files)
+    assert names[files[3]] == "z"
+    assert names[files[2]] == "p_q_x"
+    assert {names[files[0]], names[files[4]]} == {"a_x", "a_x-2"}

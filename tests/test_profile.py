@@ -87,3 +87,70 @@ def test_measure_latency_keys() -> None:
     assert lat["iters"] == 3 and lat["batch"] == 2 and lat["device"] == "cpu"
     with pytest.raises(ValueError):
         measure_latency(nn.Conv2d(3, 4, 3), (16, 16), iters=0)
+
+
+def test_separable_deeplab_macs_closed_form(deeplab: nn.Module) -> None:
+    """Separable 3x3 = depthwise (C*9) + pointwise (C*256) MACs per position, for the three
+    atrous branches (512 ch at 4x4 for a 64x64 input, OS 16) and two decoder convs
+    (304 and 256 ch at 16x16)."""
+    separable = coopseg.create_model(
+        "deeplabv3plus", backbone="resnet18", num_classes=11, output_stride=16, separable=True
+    )
+
+    def saved(c: int, positions: int) -> int:
+        return positions * (c * 256 * 9 - (c * 9 + c * 256))
+
+    expected = 3 * saved(512, 4 * 4) + saved(304, 16 * 16) + saved(256, 16 * 16)
+    assert count_macs(deeplab, (64, 64)) - count_macs(separable, (64, 64)) == expected
+    assert count_params(deeplab) - count_params(separable) == sum(
+        c * 256 * 9 - (c * 9 + 2 * c + c * 256) for c in (512, 512, 512, 304, 256)
+    )
+
+
+# -- coopseg profile on the command line --------------------------------------------------
+
+
+def test_cli_profiles_an_architecture_without_backbone(capsys) -> None:
+    """``--arch jointseg`` used to fail: the command passed its default backbone along."""
+    import json
+
+    from coopseg.cli import main
+
+    argv = ["profile", "--arch", "jointseg", "--num-classes", "11", "--input-size", "32", "32"]
+    assert main([*argv, "--no-latency", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["arch"] == "jointseg" and result["backbone"] is None
+    assert result["params"] == count_params(coopseg.create_model("jointseg", num_classes=11))
+    assert main([*argv, "--no-latency"]) == 0
+    assert capsys.readouterr().out.startswith("jointseg, input 3x32x32 (--input-size)")
+
+
+def test_cli_profiles_a_config_at_its_crop_and_names_the_members(tmp_path, capsys) -> None:
+    """A config is costed at its own crop (not 512x512), a pair titled by its members."""
+    import json
+
+    import yaml
+
+    from coopseg.cli import main
+
+    from .conftest import tiny_cooperative
+
+    model = tiny_cooperative("cross")
+    model["members"][1] = {**model["members"][1], "backbone": "resnet34", "name": "right"}
+    config = tmp_path / "pair.yaml"
+    config.write_text(yaml.safe_dump({"model": model, "data": {"crop_size": [64, 48]}}))
+    assert main(["profile", str(config), "--no-latency"]) == 0
+    title = capsys.readouterr().out.splitlines()[0]
+    assert title == (
+        "cooperative cross: top deeplabv3plus (resnet18), right deeplabv3plus (resnet34), "
+        "input 3x64x48 (data.crop_size)"
+    )
+    assert main(["profile", str(config), "--no-latency", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["input_size"] == [64, 48] and result["input_size_from"] == "data.crop_size"
+    assert result["members"] == {
+        "top": {"arch": "deeplabv3plus", "backbone": "resnet18"},
+        "right": {"arch": "deeplabv3plus", "backbone": "resnet34"},
+    }
+    assert main(["profile", str(config), "--no-latency", "--json", "--input-size", "32", "32"]) == 0
+    assert json.loads(capsys.readouterr().out)["input_size"] == [32, 32]

@@ -16,7 +16,8 @@ DEMO_CONFIG = PACKAGED_CONFIGS / "demo.yaml"
 
 
 def run_demo(out_dir: str = "runs", overrides: list[str] | None = None, grid_rows: int = 6) -> dict:
-    """Train the demo config, evaluate its best checkpoint, draw a grid; return the metrics."""
+    """Train the demo config, evaluate its best checkpoint, draw a grid, write the HTML
+    report; return the metrics."""
     from .engine.evaluate import evaluate_checkpoint
     from .engine.train import train
 
@@ -44,4 +45,13 @@ def run_demo(out_dir: str = "runs", overrides: list[str] | None = None, grid_row
         preds.append(pred.astype(np.uint8))
     grid = save_grid(result.run_dir / "predictions.png", images, targets, preds, info["palette"])
     print(f"image | ground truth | prediction grid: {grid}")
+    from .report import write_report
+
+    page = write_report(
+        result.run_dir,
+        checkpoint=best,
+        metrics_path=result.run_dir / "metrics.json",
+        device=cfg.device,
+    )
+    print(f"report (open in a browser): {page}")
     return report

@@ -23,11 +23,14 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
+    "config_input_size",
     "cooperative_breakdown",
     "count_macs",
     "count_params",
     "measure_latency",
+    "model_summary",
     "profile_model",
+    "summary_title",
 ]
 
 DeviceLike = torch.device | str | None
@@ -244,3 +247,53 @@ def profile_model(
         out["latency_ms"] = lat["median_ms"]
         out["latency"] = lat
     return out
+
+
+def config_input_size(cfg: Any) -> tuple[tuple[int, int], str]:
+    """The image size a config works at, and the key it came from: the evaluation crop
+    (``eval.crop_size`` in slide/center mode), else the training crop ``data.crop_size``.
+    ``profile`` and ``export`` default to it, so a 128x128 config is not costed at 512x512."""
+    if getattr(cfg.eval, "mode", "whole") != "whole" and cfg.eval.crop_size:
+        return _hw(cfg.eval.crop_size), "eval.crop_size"
+    return _hw(cfg.data.crop_size), "data.crop_size"
+
+
+def _default_arg(arch: str, name: str) -> Any:
+    import inspect
+
+    from ..models import ARCHITECTURES
+
+    param = inspect.signature(ARCHITECTURES[arch].__init__).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def model_summary(section: dict[str, Any]) -> dict[str, Any]:
+    """What a model section builds, for a one-line title: ``arch``, ``backbone`` (None for
+    an architecture without one; the constructor's default when the section omits it)
+    and, for a cooperative model, each member's ``{name: {arch, backbone}}`` and the preset."""
+    from ..models.cooperative import default_member_names
+
+    arch = section["arch"]
+    if arch != "cooperative":
+        backbone = section.get("backbone", _default_arg(arch, "backbone"))
+        return {"arch": arch, "backbone": backbone if isinstance(backbone, str) else None}
+    specs = list(section.get("members") or [])
+    names = default_member_names(len(specs))
+    members = {
+        str(spec.get("name", names[i])): model_summary(
+            {k: v for k, v in spec.items() if k != "name"}
+        )
+        for i, spec in enumerate(specs)
+    }
+    preset = section.get("preset", _default_arg("cooperative", "preset"))
+    return {"arch": arch, "backbone": None, "preset": preset, "members": members}
+
+
+def summary_title(summary: dict[str, Any]) -> str:
+    """``deeplabv3plus (resnet101)``, ``jointseg``, ``cooperative cross: top
+    deeplabv3plus (xception65), bottom deeplabv3plus (resnet101)``."""
+    if "members" in summary:
+        parts = [f"{name} {summary_title(m)}" for name, m in summary["members"].items()]
+        return f"cooperative {summary['preset']}: {', '.join(parts)}"
+    backbone = summary.get("backbone")
+    return f"{summary['arch']} ({backbone})" if backbone else summary["arch"]
