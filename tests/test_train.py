@@ -158,3 +158,15 @@ def test_amp_auto_takes_bf16_only_on_cpus_that_compute_it(monkeypatch) -> None:
     assert evaluate.amp_dtype("bf16", cpu) is torch.bfloat16  # asked for by name: honoured
     monkeypatch.setattr(evaluate, "cpu_has_fast_bf16", lambda: True)
     assert evaluate.amp_dtype("auto", cpu) is torch.bfloat16
+
+
+def test_init_from_starts_training_from_a_checkpoint(make_config) -> None:
+    first = make_config(name="source", train={"iterations": 2, "val_interval": 0})
+    train(first, show_progress=False)
+    final = first.run_dir / "checkpoints" / "final.safetensors"
+    second = make_config(name="init", train={"init_from": str(final)})
+    trainer = Trainer(second, show_progress=False)
+    source, _, _ = load_model(final)
+    for key, value in source.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[key], value), key
+    assert set(trainer.weight_sources.values()) == {f"init_from:{final}"}

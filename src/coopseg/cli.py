@@ -1,4 +1,4 @@
-"""The ``coopseg`` command line: data, train, eval, predict, profile, demo."""
+"""The ``coopseg`` command line: data, train, eval, predict, profile, demo, report, explain."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.model.get("arch") == "jointseg":  # two agents, two optimizers: its own trainer
         from .engine.joint import train_joint
 
-        result = train_joint(cfg, resume=args.resume)
+        result = train_joint(cfg, resume=cfg.train.resume if args.resume is None else args.resume)
     else:
         result = train(cfg, resume=args.resume)
     if result.last_metrics is not None and int(os.environ.get("RANK", "0")) == 0:
@@ -127,6 +127,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.checkpoint import load_model
 
     model, ckpt_cfg, _ = load_model(args.checkpoint)
+    if args.output:
+        from .models.cooperative import select_output
+
+        try:
+            select_output(model, args.output)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     if args.slide:
         args.overrides.append("eval.mode=slide")
         args.overrides.append(f"eval.crop_size=[{args.slide[0]}, {args.slide[1]}]")
@@ -157,6 +164,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .engine.joint import evaluate_classifier_checkpoint
 
         evaluate_classifier_checkpoint(cfg, model, json_path)
+    if args.report and int(os.environ.get("RANK", "0")) == 0:
+        from .report import run_dir_of, write_report
+
+        page = write_report(
+            run_dir_of(args.checkpoint),
+            args.report,
+            checkpoint=args.checkpoint,
+            metrics_path=json_path,
+            cfg=cfg,
+            output=getattr(args, "output", None),
+            device=args.device or "auto",
+        )
+        print(f"report written to {page}")
     return 0
 
 
@@ -167,31 +187,85 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.stride and not args.slide:
         raise ConfigError("--stride needs --slide CROP_H CROP_W")
-    written = predict_files(
-        args.checkpoint,
-        args.inputs,
-        args.out,
-        device=args.device or "auto",
-        scales=args.scales or [1.0],
-        flip=args.flip,
-        slide=SlideWindow.create(args.slide, args.stride) if args.slide else None,
-    )
-    print(f"wrote {len(written)} files to {args.out}")
+    backend = args.backend or ("onnxruntime" if args.model else "pytorch")
+    if backend == "pytorch" and args.model:
+        raise ConfigError("--model is an ONNX graph for --backend onnxruntime")
+    if backend == "onnxruntime" and args.checkpoint:
+        raise ConfigError("--backend onnxruntime takes --model MODEL.onnx, not --checkpoint")
+
+    def unreadable(path: Path, message: str) -> None:  # named as they come; the rest go on
+        print(f"coopseg: error: {message}", file=sys.stderr)
+
+    from .engine.export import ExportError
+
+    try:
+        report = predict_files(
+            args.checkpoint,
+            args.inputs,
+            args.out,
+            device=args.device or "auto",
+            scales=args.scales or [1.0],
+            flip=args.flip,
+            slide=SlideWindow.create(args.slide, args.stride) if args.slide else None,
+            output=args.output,
+            backend=backend,
+            onnx_model=args.model,
+            on_unreadable=unreadable,
+            masks_only=args.masks_only,
+        )
+    except ExportError as err:
+        print(f"coopseg: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(report.written)} files to {args.out}")
+    if report.unreadable:
+        print(
+            f"coopseg: {len(report.unreadable)} input(s) could not be read (named above); "
+            f"{report.predicted} image(s) predicted",
+            file=sys.stderr,
+        )
+        return 1 if report.predicted else 2
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .engine.export import ExportError, export_checkpoint
+
+    try:
+        report = export_checkpoint(
+            args.checkpoint,
+            args.out,
+            input_size=args.input_size,
+            dynamic=args.dynamic,
+            output=args.output,
+            all_outputs=args.all_outputs,
+            opset=args.opset,
+        )
+    except ExportError as err:
+        print(f"coopseg: error: {err}", file=sys.stderr)
+        return 2
+    print(report.summary())
     return 0
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from .config import config_from_dict, model_kwargs
-    from .engine.profile import profile_model
+    from .engine.profile import config_input_size, model_summary, profile_model, summary_title
     from .models import create_model
 
+    size_source = "--input-size"
     if args.config:
         cfg = _load(args)
-    else:
-        model = {"arch": args.arch, "backbone": args.backbone, "num_classes": args.num_classes}
+        if not args.input_size:  # the config's own size, not 512x512
+            args.input_size, size_source = config_input_size(cfg)
+    else:  # only what was given: an architecture may have no backbone (jointseg)
+        model = {"arch": args.arch, "num_classes": args.num_classes}
+        if args.backbone:
+            model["backbone"] = args.backbone
         if args.output_stride:
             model["output_stride"] = args.output_stride
         cfg = config_from_dict({"model": model}, args.overrides)
+    if not args.input_size:
+        args.input_size, size_source = (512, 512), "default"
     arch, kwargs = model_kwargs(cfg.model)
     kwargs["pretrained"] = False
     model = create_model(arch, **kwargs)
@@ -199,7 +273,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     result = profile_model(
         model, (height, width), batch=args.batch, device=args.device, latency=not args.no_latency
     )
-    result = {"arch": arch, "backbone": kwargs.get("backbone"), **result}
+    summary = model_summary(cfg.model)
+    result = {**summary, "input_size_from": size_source, **result}
     from .models.backbones import find_backbones, offline_weights_status
 
     result["offline_weights"] = {
@@ -213,7 +288,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{arch} ({kwargs.get('backbone')}), input 3x{height}x{width}")
+        print(f"{summary_title(summary)}, input 3x{height}x{width} ({size_source})")
         print(f"  parameters: {result['params_m']:.2f} M")
         print(f"  GMACs:      {result['gmacs']:.2f}  (multiply-accumulates, the papers' GFLOPs)")
         for name, part in result.get("cooperative", {}).get("members", {}).items():
@@ -257,6 +332,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    page = write_report(
+        args.run_dir,
+        args.out,
+        checkpoint=args.checkpoint,
+        metrics_path=args.metrics,
+        device=args.device,
+        rows=args.rows,
+    )
+    print(f"report written to {page}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain_image
+
+    summary = explain_image(
+        args.checkpoint,
+        args.image,
+        args.out,
+        mask=args.mask,
+        queries=[tuple(q) for q in args.query] if args.query else None,
+        device=args.device,
+    )
+    print(f"wrote {len(summary['files'])} files to {args.out} (index: explain.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coopseg", description="Cooperative learning for semantic segmentation."
@@ -293,7 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a model from a YAML config")
     tr.add_argument("config", help="YAML file, or the name of a packaged config (demo)")
     _add_set(tr)
-    tr.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt")
+    tr.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        choices=["auto"],
+        help="continue from checkpoints/last.pt (falling back to last.prev.pt if it is "
+        "unreadable); --resume auto: continue if there is a checkpoint, else start "
+        "(the same command for the first start and every restart; train.resume)",
+    )
     tr.add_argument(
         "--amp",
         nargs="?",
@@ -317,26 +430,85 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write predicted masks here (Cityscapes: official labelId PNGs; else palette PNGs)",
     )
+    ev.add_argument(
+        "--output",
+        metavar="NAME",
+        help="cooperative models: the headline output (and the one --save-predictions "
+        "writes): fused or a member's name (default: the model's model.report)",
+    )
+    ev.add_argument("--report", metavar="PATH", help="also write the HTML report of the run here")
     ev.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     ev.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="segment image files with a trained checkpoint")
     pr.add_argument("inputs", nargs="+", help="image files or folders")
-    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--checkpoint", help=".safetensors or .pt checkpoint (pytorch backend)")
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("--scales", type=float, nargs="+")
     pr.add_argument("--flip", action="store_true")
     _add_slide(pr)
     pr.add_argument("--device")
+    pr.add_argument(
+        "--output",
+        metavar="NAME",
+        help="cooperative models: fused or a member's name (default: the model's model.report)",
+    )
+    pr.add_argument(
+        "--backend",
+        choices=["pytorch", "onnxruntime"],
+        help="pytorch (--checkpoint) or onnxruntime (--model; default when --model is given)",
+    )
+    pr.add_argument("--model", metavar="MODEL.onnx", help="a graph written by coopseg export")
+    pr.add_argument(
+        "--masks-only",
+        action="store_true",
+        help="write only <name>.png class-index masks (test-server submissions, e.g. VOC); "
+        "with --output, one folder per network",
+    )
     pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser(
+        "export", help="write a checkpoint as an ONNX graph, checked against PyTorch"
+    )
+    ex.add_argument("checkpoint", help=".safetensors or .pt checkpoint")
+    ex.add_argument("--out", required=True, help="the .onnx file to write")
+    ex.add_argument(
+        "--input-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="image size (default: the config's eval window or data.crop_size)",
+    )
+    ex.add_argument(
+        "--dynamic", action="store_true", help="free batch, height and width (else 1x3xHxW)"
+    )
+    ex.add_argument(
+        "--output",
+        metavar="NAME",
+        help="cooperative models: what the graph's 'out' holds: fused or a member's name "
+        "(default: the model's model.report)",
+    )
+    ex.add_argument(
+        "--all-outputs",
+        action="store_true",
+        help="cooperative models: also output fused.out and every <member>.out",
+    )
+    ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    ex.set_defaults(func=cmd_export)
 
     pf = sub.add_parser("profile", help="parameters, GMACs and latency of a model")
     pf.add_argument("config", nargs="?", help="YAML config (or give --arch/--backbone)")
     pf.add_argument("--arch", default="deeplabv3plus")
-    pf.add_argument("--backbone", default="resnet101")
+    pf.add_argument("--backbone", help="default: the architecture's own (none for jointseg)")
     pf.add_argument("--num-classes", type=int, default=21)
     pf.add_argument("--output-stride", type=int)
-    pf.add_argument("--input-size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
+    pf.add_argument(
+        "--input-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="default: a CONFIG's eval window or data.crop_size, else 512 512",
+    )
     pf.add_argument("--batch", type=int, default=1, help="batch size for the latency")
     pf.add_argument("--device", default="cpu")
     pf.add_argument("--no-latency", action="store_true", help="skip the timing runs")
@@ -374,6 +546,31 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--out-dir", default="runs", help="where the run folder goes")
     _add_set(de)
     de.set_defaults(func=cmd_demo)
+
+    rp = sub.add_parser("report", help="one self-contained HTML page about a run folder")
+    rp.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (runs/<name>)")
+    rp.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
+    rp.add_argument("--checkpoint", help="weights to show (default: checkpoints/best.safetensors)")
+    rp.add_argument("--metrics", help="metrics JSON (default: the run's eval.json if current)")
+    rp.add_argument("--rows", type=int, default=4, help="validation images in the grid")
+    rp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    rp.set_defaults(func=cmd_report)
+
+    ex = sub.add_parser("explain", help="attention maps and member disagreement for an image")
+    ex.add_argument("checkpoint", metavar="CHECKPOINT")
+    ex.add_argument("image", metavar="IMAGE")
+    ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("--mask", help="ground-truth mask: shows which member is right where")
+    ex.add_argument(
+        "--query",
+        type=int,
+        nargs=2,
+        action="append",
+        metavar=("Y", "X"),
+        help="DANet query pixel (repeatable; default: one inside each of the largest regions)",
+    )
+    ex.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ex.set_defaults(func=cmd_explain)
     return parser
 
 

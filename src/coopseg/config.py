@@ -76,7 +76,14 @@ class DataConfig:
     num_workers: int = 0
     crop_size: list[int] = field(default_factory=lambda: [128, 128])  # [height, width]
     scale_range: list[float] = field(default_factory=lambda: [0.75, 1.5])
+    # random scale drawn from this set instead (DF-DAM: [0.75, 1.0, ..., 2.0]); null = range
+    scale_set: list[float] | None = None
     hflip: bool = True
+    vflip: bool = False  # random up/down flip (image and mask)
+    random_pad: int = 0  # pad each side by a random 0..N px (mean / ignore) before the crop
+    # dataset (mean/std above) | image (per-image standardisation: one mean/std over all
+    # pixels and channels, as tf.image.per_image_standardization) | image_channel (per channel)
+    normalize: str = "dataset"
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
@@ -103,12 +110,21 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16 | auto
     channels_last: bool = False
     val_interval: int = 200  # 0: validate only at the end
-    checkpoint_interval: int = 200
+    checkpoint_interval: int = 200  # save last.pt every N iterations (0: only at the end)
+    # also save last.pt when this many seconds passed since the last save (0: off), so a
+    # slow run loses at most that much work to a crash or a pre-emption
+    checkpoint_interval_s: float = 0.0
+    # false: a new run (refused if the run folder holds one) | true: continue it (there
+    # must be a checkpoint) | auto: continue if there is one, else start (restarts)
+    resume: bool | str = False
     log_interval: int = 10
     max_time_s: float = 0.0  # stop (and checkpoint) after this many seconds; 0 = no limit
     class_weights: list[float] | None = None  # cross-entropy weight per class; null = all 1
     ohem_thresh: float | None = None  # OHEM: train on pixels whose true-class prob < this
     ohem_min_kept: int = 0  # OHEM: plus at least this many hardest labelled pixels per image
+    # whole-model start: weights of a coopseg checkpoint (.pt / .safetensors) of the same
+    # model, loaded before training (e.g. DF-DAM's VOC trainval fine-tune); null = none
+    init_from: str | None = None
 
 
 @dataclass
@@ -117,8 +133,11 @@ class EvalConfig:
 
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
-    mode: str = "whole"  # whole (one pass per image) | slide (overlapping windows)
-    crop_size: list[int] | None = None  # slide: window [height, width]; null = data.crop_size
+    # whole (one pass per image) | slide (overlapping windows) | center (score only the
+    # central crop_size region, as the cooperative papers did on VOC val and test)
+    mode: str = "whole"
+    # slide: window [height, width]; center: the region scored; null = data.crop_size
+    crop_size: list[int] | None = None
     stride: list[int] | None = None  # slide: step [height, width]; null = 2/3 of the window
     window_batch: int = 4  # slide: windows per forward pass (bounds memory)
 
@@ -129,8 +148,17 @@ class JointConfig:
 
     cls_lr_ratio: float = 30.0  # classifier lr = this x train.lr (the segmenter's); paper: 30
     cls_batch_ratio: int = 32  # classifier batch = this x data.batch_size; paper: 32
-    cls_label: str = "count"  # dominant (class with most pixels, 11) | count (objects, 0..4)
-    binary_normal: list[int] = field(default_factory=lambda: [0, 1])  # labels that are "normal"
+    # count (grade 0..4: objects of count_classes) | dominant (class with most pixels, 11)
+    cls_label: str = "count"
+    # classes whose objects the count grade counts (ours: footwear, the "lesions", so grade
+    # 0, "no lesion", is the most frequent; all of 1..10: plain object count, grade 0 empty)
+    count_classes: list[int] = field(default_factory=lambda: [6, 8, 10])
+    binary_normal: list[int] = field(default_factory=lambda: [0])  # paper: level 0 is normal
+    binary_rule: str = "argmax"  # predicted normal: top-1 label in binary_normal | mass (>= 1/2)
+    # classifier stream only (paper: hue, contrast, saturation changes); ColorJitter ranges
+    cls_hue: float = 0.0  # max hue shift, a fraction of the colour circle (<= 0.5); 0: off
+    cls_contrast: float = 0.0  # contrast factor drawn from [1 - x, 1 + x]; 0: off
+    cls_saturation: float = 0.0  # saturation factor drawn from [1 - x, 1 + x]; 0: off
     cls_label_noise: float = 0.0  # fraction of classifier labels replaced by random ones
     cls_data: str = "train"  # classifier scenes: train (the segmenter's) | separate (own build)
     cls_scenes: int = 2000  # cls_data=separate: number of classifier scenes
@@ -325,7 +353,10 @@ def _config_from_dict(raw: dict[str, Any], overrides: list[str]) -> Config:
 CHOICES = {
     "train.amp": ("none", "auto", "bf16", "fp16"),
     "train.optimizer": ("sgd", "adamw"),
-    "eval.mode": ("whole", "slide"),
+    "eval.mode": ("whole", "slide", "center"),
+    "train.resume": (False, True, "auto"),
+    "data.normalize": ("dataset", "image", "image_channel"),
+    "joint.binary_rule": ("argmax", "mass"),
     "joint.cls_label": ("dominant", "count"),
     "joint.cls_data": ("train", "separate"),
 }
@@ -381,6 +412,7 @@ RANGES: dict[str, Range] = {
     "data.val_batch_size": AT_LEAST_ONE,
     "data.num_workers": NON_NEGATIVE,
     "data.scale_range[]": POSITIVE,
+    "data.scale_set[]": POSITIVE,
     "data.std[]": POSITIVE,  # images are divided by it
     "train.iterations": AT_LEAST_ONE,
     "train.lr": POSITIVE,
@@ -393,6 +425,7 @@ RANGES: dict[str, Range] = {
     "train.aux_weights.*": NON_NEGATIVE,
     "train.val_interval": NON_NEGATIVE,  # 0: validate only at the end
     "train.checkpoint_interval": NON_NEGATIVE,  # 0: checkpoint only at the end
+    "train.checkpoint_interval_s": NON_NEGATIVE,
     "train.log_interval": AT_LEAST_ONE,
     "train.max_time_s": NON_NEGATIVE,  # 0: no limit
     "train.ohem_min_kept": NON_NEGATIVE,
@@ -404,6 +437,11 @@ RANGES: dict[str, Range] = {
     "joint.cls_scenes": AT_LEAST_ONE,
     "joint.cls_scene_seed": NON_NEGATIVE,
     "joint.cls_weight_decay": NON_NEGATIVE,
+    "data.random_pad": NON_NEGATIVE,
+    "joint.cls_hue": Range(0, 0.5),  # torchvision's ColorJitter range
+    "joint.cls_contrast": NON_NEGATIVE,
+    "joint.cls_saturation": NON_NEGATIVE,
+    "joint.count_classes[]": NON_NEGATIVE,
 }
 
 
@@ -443,6 +481,8 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(
             f"data.scale_range: expected [low, high] with 0 < low <= high, got {d.scale_range}"
         )
+    if d.scale_set is not None and not d.scale_set:
+        raise ConfigError("data.scale_set: expected a non-empty list of factors, or null")
     for key, values in (("data.mean", d.mean), ("data.std", d.std)):
         if len(values) != 3:
             raise ConfigError(f"{key}: expected 3 values (R, G, B), got {values}")

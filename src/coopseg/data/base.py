@@ -16,6 +16,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from ..fileio import save_index_png
+
 IGNORE_INDEX = 255
 
 Transform = Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[torch.Tensor, torch.Tensor]]
@@ -74,8 +76,6 @@ class SegmentationDataset(Dataset):
         Named ``<sample_name>.png`` so predictions line up with the inputs; data sets
         with an official result format (Cityscapes) override this.
         """
-        from .files import save_index_png
-
         path = Path(out_dir) / f"{self.sample_name(index)}.png"
         save_index_png(path, pred, self.palette)
         return path

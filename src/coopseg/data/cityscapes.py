@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import save_index_png
 from .base import DataError, Transform
-from .files import FileDataset, Problem, read_index_mask, save_index_png
+from .files import FileDataset, Problem, read_index_mask
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"

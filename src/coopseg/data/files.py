@@ -18,7 +18,6 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..fileio import atomic_write
 from .base import DataError, SegmentationDataset, Transform
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -106,17 +105,6 @@ def read_index_mask(path: Path) -> np.ndarray:
             "bad_format",
         )
     return np.asarray(img)
-
-
-def save_index_png(path: Path, mask: np.ndarray, palette: np.ndarray | None = None) -> None:
-    """Write a uint8 mask as a PNG atomically (mode P with ``palette``, else mode L)."""
-    img = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), "L")
-    if palette is not None and len(palette):
-        flat = np.zeros((256, 3), dtype=np.uint8)
-        flat[: min(256, len(palette))] = np.asarray(palette, dtype=np.uint8)[:256]
-        img = img.convert("P")
-        img.putpalette(flat.ravel().tolist())
-    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def read_list(path: Path) -> list[str]:

@@ -159,8 +159,46 @@ def _check_rng(path: Path, rng: Any) -> None:
         )
 
 
+def previous_checkpoint(path: Path) -> Path:
+    """Where the checkpoint before ``path`` is kept (``last.pt`` -> ``last.prev.pt``)."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
 def save_training_state(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda fh: torch.save(state, fh))
+    """Write ``last.pt``, keeping the one it replaces as ``last.prev.pt`` until the new one
+    is whole and in place: a crash at any moment leaves at least one good checkpoint,
+    and a newest one that turns out corrupt still has a predecessor to fall back on."""
+    try:
+        atomic_write(path, lambda fh: torch.save(state, fh), previous_checkpoint(path))
+    except OSError as err:
+        raise CheckpointError(f"could not save the training state: {err.strerror}") from err
+
+
+def resume_state(checkpoint: Path, mode: bool | str) -> tuple[dict[str, Any] | None, str]:
+    """The training state to resume from, and a line saying which file it came from.
+
+    ``mode`` True: there must be one; ``"auto"``: start fresh (None) when there is none,
+    so one command line serves the first start and every restart. The newest readable
+    of ``last.pt`` and ``last.prev.pt`` wins; an unreadable newest one is named and
+    skipped. Refused when files exist but none can be read (nothing is overwritten).
+    """
+    candidates = [p for p in (checkpoint, previous_checkpoint(checkpoint)) if p.exists()]
+    if not candidates:
+        if mode == "auto":
+            return None, f"no checkpoint at {checkpoint}: starting a new run"
+        raise CheckpointError(f"no checkpoint to resume from at {checkpoint}")
+    problems: list[str] = []
+    for path in candidates:
+        try:
+            state = load_training_state(path)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        note = f"resuming from {path} (iteration {state['iteration']})"
+        if problems:
+            note += "; skipped " + "; ".join(problems)
+        return state, note
+    raise CheckpointError("no readable checkpoint to resume from: " + "; ".join(problems))
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
@@ -195,7 +233,10 @@ def save_weights(
     metadata = {"config": json.dumps(cfg.to_dict())}
     for key, value in (info or {}).items():
         metadata[key] = json.dumps(value)
-    atomic_write(path, lambda fh: fh.write(save(tensors, metadata=metadata)))
+    try:
+        atomic_write(path, lambda fh: fh.write(save(tensors, metadata=metadata)))
+    except OSError as err:
+        raise CheckpointError(f"could not save weights: {err.strerror}") from err
 
 
 def load_model(
@@ -243,4 +284,65 @@ def load_model(
             f"{path}: weights do not fit the {arch} model its config describes "
             f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})"
         )
+    if isinstance(info.get("output"), str):  # best-<output>.safetensors: that output
+        from ..models.cooperative import select_output
+
+        try:
+            select_output(model, info["output"])
+        except ValueError as err:
+            raise CheckpointError(f"{path}: {err}") from err
     return model.to(device).eval(), cfg, info
+
+
+def _names(keys: list[str]) -> str:
+    """At most five names, then how many more: one readable line for any mismatch."""
+    shown = ", ".join(keys[:5])
+    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > 5 else shown
+
+
+def init_model_from(model: torch.nn.Module, path: str | Path) -> None:
+    """Overwrite every weight of ``model`` with those of a coopseg checkpoint
+    (``train.init_from``: a ``.safetensors`` or a ``last.pt``), before training starts.
+
+    Whole-model initialisation, e.g. DF-DAM's fine-tune on VOC trainval from its
+    train_aug run. Read safely (safetensors, or ``torch.load(weights_only=True)``) and
+    all or nothing: a missing file, a missing or extra parameter, or a shape that
+    differs is refused with one line naming the file, before the model is touched.
+    BatchNorm's ``num_batches_tracked`` counters may be absent on either side (frozen BN
+    has none; they do not affect the outputs).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint there to initialise the model from")
+    if path.suffix == ".safetensors":
+        try:
+            weights: Mapping[str, torch.Tensor] = load_file(str(path))
+        except Exception as err:
+            raise CheckpointError(f"{path}: unreadable checkpoint ({_one_line(err)})") from err
+    else:  # a .pt: weights-only, then the structure coopseg writes
+        weights = _check_structure(path, _torch_load(path))["model"]
+    own = model.state_dict()
+
+    def counter(key: str) -> bool:
+        return key.endswith("num_batches_tracked")
+
+    missing = [k for k in own if k not in weights and not counter(k)]
+    unexpected = [k for k in weights if k not in own and not counter(k)]
+    if missing or unexpected:
+        parts = [f"missing {_names(missing)}" if missing else ""]
+        parts.append(f"unexpected {_names(unexpected)}" if unexpected else "")
+        raise CheckpointError(
+            f"{path}: weights do not fit the model to initialise "
+            f"({'; '.join(p for p in parts if p)}); is it a checkpoint of the same model?"
+        )
+    wrong = [
+        f"{k} {tuple(weights[k].shape)} in the file, {tuple(v.shape)} in the model"
+        for k, v in own.items()
+        if k in weights and weights[k].shape != v.shape
+    ]
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise CheckpointError(
+            f"{path}: weights do not fit the model to initialise: {wrong[0]}{more}"
+        )
+    model.load_state_dict(dict(weights), strict=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -44,8 +45,38 @@ def init_distributed(device: str = "auto") -> DistInfo:
             raise RuntimeError(f"device {device!r} asked for, but CUDA is not available")
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        store = _attempt_store(rank, world)
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
     return DistInfo(rank, world, local_rank, dev)
+
+
+def _attempt_store(rank: int, world: int) -> dist.Store | None:
+    """Under torchrun, a store whose keys are private to this restart attempt.
+
+    torchrun keeps one store for the whole job, and the process group's keys carry no
+    attempt number: after ``--max-restarts`` restarts the workers, a new worker can read
+    the address a killed one published and fail to connect ("Gloo connectFullMesh
+    failed ... Connection refused"), depending on who writes first. Prefixing the keys
+    with ``TORCHELASTIC_RESTART_COUNT`` makes every attempt rendezvous afresh.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if attempt is None or not addr or not port:
+        return None
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(
+        addr,
+        int(port),
+        world,
+        is_master=not agent_hosts and rank == 0,
+        timeout=timedelta(minutes=10),
+        multi_tenant=not agent_hosts,
+    )
+    return dist.PrefixStore(f"coopseg/attempt{attempt}", store)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

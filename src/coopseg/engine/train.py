@@ -26,7 +26,9 @@ from ..data.sampling import TrainBatchSampler
 from ..models import create_model
 from ..models.backbones import find_backbones, stage_parameters, weight_sources
 from .checkpoint import (
-    load_training_state,
+    init_model_from,
+    previous_checkpoint,
+    resume_state,
     rng_state,
     save_training_state,
     save_weights,
@@ -36,6 +38,7 @@ from .distributed import DistInfo, all_reduce_sum, init_distributed
 from .evaluate import (
     amp_dtype,
     autocast_context,
+    center_region,
     check_class_count,
     evaluate_outputs,
     slide_window,
@@ -89,6 +92,51 @@ def poly_lambda(iterations: int, power: float, warmup: int = 0):
         return decay * min(1.0, (it + 1) / warmup) if warmup > 0 else decay
 
     return factor
+
+
+def start_state(checkpoint: Path, resume: bool | str) -> tuple[dict[str, Any] | None, str]:
+    """The state a run starts from (None: a new run) and a line saying which file it
+    came from. A new run is refused where one already is."""
+    if not resume:
+        if checkpoint.exists() or previous_checkpoint(checkpoint).exists():
+            raise TrainingError(
+                f"{checkpoint.parent.parent} already holds a run; pass --resume to "
+                "continue it (--resume auto: whether or not there is one), or choose "
+                "another name (--set name=...) or out_dir"
+            )
+        return None, ""
+    return resume_state(checkpoint, resume)
+
+
+def continue_schedule(
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    optimizer: torch.optim.Optimizer,
+    saved: dict[str, Any],
+    train_cfg: TrainConfig,
+    iteration: int,
+) -> str:
+    """Resuming with a changed schedule (``--set train.iterations=N`` to extend a finished
+    run): the lr continues on the new schedule from where the run stands, i.e. at the
+    value a run configured with the new length would have at this iteration (the
+    optimizer's restored lr is the old schedule's, 0 at its end). Returns what changed."""
+    keys = ("iterations", "poly_power", "warmup_iterations")
+    changed = {k: (saved.get(k), getattr(train_cfg, k)) for k in keys}
+    changed = {k: v for k, v in changed.items() if v[0] != v[1]}
+    if not changed:
+        return ""
+    if iteration > train_cfg.iterations:
+        raise TrainingError(
+            f"train.iterations={train_cfg.iterations} is below the checkpoint's iteration "
+            f"{iteration}; give a larger value to extend the run"
+        )
+    for group, base, factor in zip(
+        optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base * factor(iteration)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    what = ", ".join(f"train.{k} {a} -> {b}" for k, (a, b) in changed.items())
+    lr = optimizer.param_groups[0]["lr"]
+    return f"schedule changed ({what}): lr continues at {lr:.3g} from iteration {iteration}"
 
 
 @dataclass
@@ -177,7 +225,9 @@ def time_is_up(dist: DistInfo, start_time: float, max_time_s: float) -> bool:
 class Trainer:
     """Builds everything a run needs from a :class:`Config` and trains it."""
 
-    def __init__(self, cfg: Config, *, resume: bool = False, show_progress: bool = True) -> None:
+    def __init__(
+        self, cfg: Config, *, resume: bool | str | None = None, show_progress: bool = True
+    ) -> None:
         self.cfg = cfg
         self.dist: DistInfo = init_distributed(cfg.device)
         self.output_metrics: dict[str, SegMetrics] = {}
@@ -198,8 +248,14 @@ class Trainer:
         )
         model = self.model
         self.weight_sources = weight_sources(model)
+        if cfg.train.init_from and not resume:  # a resumed run restores its own weights
+            init_model_from(model, cfg.train.init_from)
+            self.weight_sources = dict.fromkeys(
+                self.weight_sources or {"model": ""}, f"init_from:{cfg.train.init_from}"
+            )
         self.criterion = build_criterion(model, cfg.train, self.dist.world_size)
         self.slide = slide_window(cfg.eval, cfg.data.crop_size)
+        self.center = center_region(cfg.eval, cfg.data.crop_size)
         t = cfg.train
         self.optimizer = build_optimizer(model, t)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -212,14 +268,14 @@ class Trainer:
         self.iteration = 0
         self.best_miou = -1.0
         self.best_iteration = 0
+        self.best_by_output: dict[str, float] = {}  # cooperative: each output's best mIoU
         self.history: list[dict[str, Any]] = []
-        if resume:
-            self._restore(load_training_state(self.ckpt_dir / "last.pt"))
-        elif (self.ckpt_dir / "last.pt").exists():
-            raise TrainingError(
-                f"{self.run_dir} already holds a run; pass --resume to continue it, "
-                "or choose another name (--set name=...) or out_dir"
-            )
+        self.schedule_note = ""
+        self.last_save = time.perf_counter()  # train.checkpoint_interval_s counts from here
+        resume = cfg.train.resume if resume is None else resume
+        state, self.resume_note = start_state(self.ckpt_dir / "last.pt", resume)
+        if state is not None:
+            self._restore(state)
 
     # -- state -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -231,6 +287,7 @@ class Trainer:
             "iteration": self.iteration,
             "best_miou": self.best_miou,
             "best_iteration": self.best_iteration,
+            "best_by_output": self.best_by_output,
             "history": self.history,
             "rng": rng_state(),
             "config": self.cfg.to_dict(),
@@ -251,12 +308,17 @@ class Trainer:
         self.iteration = state["iteration"]
         self.best_miou = state["best_miou"]
         self.best_iteration = state["best_iteration"]
+        self.best_by_output = dict(state.get("best_by_output", {}))
         self.history = state.get("history", [])
         set_rng_state(state["rng"])
+        self.schedule_note = continue_schedule(
+            self.scheduler, self.optimizer, state["config"]["train"], self.cfg.train, self.iteration
+        )
 
     def save_checkpoint(self) -> None:
         if self.dist.is_main:
             save_training_state(self.ckpt_dir / "last.pt", self.state_dict())
+        self.last_save = time.perf_counter()
 
     # -- loop --------------------------------------------------------------------
     def _loader(self) -> DataLoader:
@@ -279,8 +341,8 @@ class Trainer:
         )
 
     def validate(self) -> SegMetrics:
-        """Metrics of the model's prediction (a cooperative model's fused output); every
-        output's metrics are kept in ``self.output_metrics``."""
+        """Metrics of the model's prediction (a cooperative model's reported output,
+        ``model.report``); every output's metrics are kept in ``self.output_metrics``."""
         self.output_metrics = evaluate_outputs(
             self.model,
             self.val_set,
@@ -293,8 +355,28 @@ class Trainer:
             num_workers=self.cfg.data.num_workers,
             channels_last=self.channels_last,
             slide=self.slide,
+            center=self.center,
         )
         return next(iter(self.output_metrics.values()))
+
+    def _save_best_per_output(self, iteration: int) -> None:
+        """Cooperative models: ``best-<output>.safetensors`` for every output (``fused``
+        and each member), chosen by that output's own mIoU -- the papers report each
+        network at its best, not at the fused output's best. Loading one selects its
+        output (``info["output"]``)."""
+        if len(self.output_metrics) < 2:
+            return
+        for name, metrics in self.output_metrics.items():
+            if metrics.miou <= self.best_by_output.get(name, -1.0):
+                continue
+            self.best_by_output[name] = metrics.miou
+            if self.dist.is_main:
+                save_weights(
+                    self.ckpt_dir / f"best-{name}.safetensors",
+                    self.model,
+                    self.cfg,
+                    {**self.info, "iteration": iteration, "miou": metrics.miou, "output": name},
+                )
 
     def step(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
         images = images.to(self.device, non_blocking=True)
@@ -320,7 +402,8 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(
                 weights_header(self.weight_sources) + cfg.to_yaml()
             )
-            for line in describe_weights(self.weight_sources):
+            notes = [self.resume_note, self.schedule_note]
+            for line in [*describe_weights(self.weight_sources), *filter(None, notes)]:
                 print(f"[{cfg.name}] {line}", flush=True)
             logger.log(self.iteration, "start", {"weights": self.weight_sources})
         last_metrics: SegMetrics | None = None
@@ -382,6 +465,7 @@ class Trainer:
                                 cfg,
                                 {**self.info, "iteration": it, "miou": last_metrics.miou},
                             )
+                    self._save_best_per_output(it)
                     members = ", ".join(
                         f"{k} {100 * m.miou:.2f}" for k, m in list(self.output_metrics.items())[1:]
                     )
@@ -389,7 +473,14 @@ class Trainer:
                         f"[{cfg.name}] iteration {it}: val mIoU {100 * last_metrics.miou:.2f}"
                         + (f" ({members})" if members else "")
                     )
-                if finished or (t.checkpoint_interval and it % t.checkpoint_interval == 0):
+                by_time = t.checkpoint_interval_s and (
+                    time.perf_counter() - self.last_save >= t.checkpoint_interval_s
+                )
+                if (
+                    finished
+                    or by_time
+                    or (t.checkpoint_interval and it % t.checkpoint_interval == 0)
+                ):
                     self.save_checkpoint()
                 if out_of_time:
                     bar.write(
@@ -424,6 +515,9 @@ class Trainer:
         )
 
 
-def train(cfg: Config, *, resume: bool = False, show_progress: bool = True) -> TrainResult:
-    """Train ``cfg``; with ``resume`` continue from ``<run_dir>/checkpoints/last.pt``."""
+def train(
+    cfg: Config, *, resume: bool | str | None = None, show_progress: bool = True
+) -> TrainResult:
+    """Train ``cfg``; ``resume`` (default ``train.resume``): True continues from
+    ``<run_dir>/checkpoints/last.pt``, ``"auto"`` does if there is one."""
     return Trainer(cfg, resume=resume, show_progress=show_progress).train()
