@@ -108,15 +108,23 @@ def test_a_training_state_without_rng_or_optimizer_is_refused(tmp_path) -> None:
         "iteration": 3,
         "best_iteration": 0,
         "best_miou": -1.0,
-        "optimizer": {},
-        "scheduler": {},
-        "scaler": {},
+        "agents": ["seg"],
+        "optimizers": {"seg": {}},
+        "schedulers": {"seg": {}},
+        "scalers": {"seg": {}},
         "rng": rng_state(),
     }
     torch.save(base, path)
     assert load_training_state(path)["iteration"] == 3
-    torch.save({**base, "optimizer": None}, path)
-    with pytest.raises(CheckpointError, match="'optimizer' should be a state dict"):
+    torch.save({**base, "optimizers": None}, path)
+    with pytest.raises(CheckpointError, match="'optimizers' should be a mapping of agents"):
+        load_training_state(path)
+    torch.save({**base, "schedulers": {"cls": {}}}, path)
+    with pytest.raises(CheckpointError, match=r"'schedulers' holds \['cls'\], not \['seg'\]"):
+        load_training_state(path)
+    old = {k: v for k, v in base.items() if k not in ("optimizers", "agents")}
+    torch.save({**old, "optimizer": {}}, path)  # one optimizer: an older coopseg
+    with pytest.raises(CheckpointError, match="older coopseg .* train.init_from="):
         load_training_state(path)
     torch.save({**base, "rng": {"torch": torch.get_rng_state()}}, path)
     with pytest.raises(CheckpointError, match="'rng' does not hold the RNG states"):

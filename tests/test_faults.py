@@ -122,7 +122,7 @@ def test_disk_full_names_the_path_and_keeps_the_previous(make_config, monkeypatc
 def test_checkpoint_by_time(make_config, monkeypatch) -> None:
     saved = []
     monkeypatch.setattr(
-        "coopseg.engine.train.save_training_state", lambda path, state: saved.append(state)
+        "coopseg.engine.loop.save_training_state", lambda path, state: saved.append(state)
     )
     cfg = make_config(
         name="by-time",

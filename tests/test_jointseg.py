@@ -253,3 +253,32 @@ def test_bad_joint_values_are_config_errors(make_config) -> None:
         JointTrainer(
             joint_config(make_config, joint={"cls_batch_ratio": 30}), show_progress=False
         ).train()
+
+
+def test_the_joint_trainer_runs_the_same_fault_tolerant_loop(make_config) -> None:
+    """One loop for both trainers: resume auto, the last.prev.pt fallback, a stretched
+    schedule and the time-based checkpoint reach JointSeg's two agents too."""
+    from coopseg.engine.loop import TrainingLoop
+
+    assert issubclass(JointTrainer, TrainingLoop)
+    cfg = joint_config(make_config, name="auto", train={"resume": "auto", "max_time_s": 1e-9})
+    first = JointTrainer(cfg, show_progress=False)
+    assert "starting a new run" in first.resume_note
+    first.train()
+    ckpts = cfg.run_dir / "checkpoints"
+    (ckpts / "last.pt").replace(ckpts / "last.prev.pt")  # as if the newest never landed
+    (ckpts / "last.pt").write_bytes(b"not a checkpoint")
+    longer = joint_config(
+        make_config,
+        name="auto",
+        train={"resume": "auto", "iterations": 8, "checkpoint_interval": 0,
+               "checkpoint_interval_s": 1e-9},
+    )  # fmt: skip
+    resumed = JointTrainer(longer, show_progress=False)
+    assert resumed.iteration == 1 and "last.prev.pt" in resumed.resume_note
+    assert "train.iterations 4 -> 8" in resumed.schedule_note
+    power = longer.train.poly_power
+    for agent in ("cls", "seg"):
+        expected = resumed.agent_lr(agent) * (1 - 1 / 8) ** power
+        assert resumed.optimizers[agent].param_groups[0]["lr"] == pytest.approx(expected)
+    assert resumed.train().iteration == 8

@@ -110,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.model.get("arch") == "jointseg":  # two agents, two optimizers: its own trainer
         from .engine.joint import train_joint
 
-        result = train_joint(cfg, resume=cfg.train.resume if args.resume is None else args.resume)
+        result = train_joint(cfg, resume=args.resume)
     else:
         result = train(cfg, resume=args.resume)
     if result.last_metrics is not None and int(os.environ.get("RANK", "0")) == 0:

@@ -216,11 +216,18 @@ def load_training_state(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: {key!r} should be an integer, got {state.get(key)!r}")
     if not isinstance(state.get("best_miou"), float | int):
         raise CheckpointError(f"{path}: 'best_miou' should be a number")
-    # a Trainer's single optimizer, or a JointTrainer's one per agent
-    single = ("optimizer", "scheduler", "scaler")
-    keys = single if "optimizer" in state else tuple(f"{k}s" for k in single)
-    for key in keys:
-        _check_mapping(path, state, key, "a state dict")
+    if "optimizer" in state and "optimizers" not in state:
+        raise CheckpointError(
+            f"{path}: written by an older coopseg (one optimizer entry), so it cannot be "
+            "resumed; start from its weights with --set train.init_from=" + str(path)
+        )
+    agents = state.get("agents")
+    if not isinstance(agents, list) or not all(isinstance(a, str) for a in agents):
+        raise CheckpointError(f"{path}: 'agents' should be a list of agent names")
+    for key in ("optimizers", "schedulers", "scalers"):  # one state dict per agent
+        per_agent = _check_mapping(path, state, key, "a mapping of agents to state dicts")
+        if sorted(per_agent) != sorted(agents):
+            raise CheckpointError(f"{path}: {key!r} holds {sorted(per_agent)}, not {agents}")
     _check_rng(path, state.get("rng"))
     return state
 

@@ -17,11 +17,12 @@ adds ``joint.cls_hue/cls_contrast/cls_saturation`` jitter (paper: "for classific
 additional augmentation") and sees whole scenes, never rescaled (ours: so that the grade,
 an object count, stays true; ``random_pad`` may still shift a border object out).
 
-Everything else is the regular engine's: iteration-indexed batches (resume and DDP see
-the same samples), SegmentationLoss for the segmenter, ``evaluate`` for mIoU, AMP via
-autocast (one GradScaler per agent for fp16), atomic ``last.pt`` checkpoints holding
-both optimizers, schedulers and scalers. The classifier is evaluated on the validation
-scenes' clean labels: top-1, top-2 and binary (normal vs abnormal) accuracy.
+Everything else is the one training loop (:class:`~coopseg.engine.loop.TrainingLoop`):
+iteration-indexed batches (resume and DDP see the same samples), logging, validation,
+resume (``train.resume: auto``, ``last.prev.pt``), checkpoints by iteration and time,
+each agent's optimizer, scheduler and scaler in ``last.pt``. The segmenter trains with
+SegmentationLoss and is scored with ``evaluate``; the classifier is evaluated on the
+validation scenes' clean labels: top-1, top-2 and binary (normal vs abnormal) accuracy.
 
 ``JointTrainer(cfg, model=..., tasks=...)`` also runs the bench's baselines with the
 same loop: ``tasks=("seg",)`` trains any segmentation model (e.g. U-Net on a JointSeg
@@ -33,10 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import sys
-import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
 
 from ..config import Config, ConfigError, model_kwargs
-from ..data import FashionScenes, SeededAugmentation
+from ..data import FashionScenes
 from ..data.fashionscenes import NUM_CLASSES, build_fashionscenes
 from ..data.joint import (
     BINARY_RULES,
@@ -59,28 +56,19 @@ from ..data.joint import (
     predicted_abnormal,
     scene_class_labels,
 )
-from ..data.sampling import TrainBatchSampler, shard_indices
+from ..data.sampling import shard_indices
 from ..data.transforms import NORMALIZE_MODES, data_transform
 from ..models import create_model
-from .checkpoint import (
-    load_training_state,
-    rng_state,
-    save_training_state,
-    save_weights,
-    set_rng_state,
-)
 from .distributed import DistInfo, all_reduce_sum, init_distributed
 from .evaluate import amp_dtype, autocast_context, check_class_count, evaluate
-from .logging import RunLogger
+from .loop import TrainingError, TrainingLoop, TrainResult
 from .metrics import SegMetrics
 from .train import (
-    TrainingError,
     build_criterion,
     build_optimizer,
     dataset_info,
     place_model,
     poly_lambda,
-    time_is_up,
 )
 
 AGENTS = ("cls", "seg")
@@ -223,25 +211,19 @@ def evaluate_classifier_checkpoint(
 
 
 # -- the trainer --------------------------------------------------------------------
-@dataclass
-class JointResult:
-    run_dir: Path
-    iteration: int
-    best_miou: float
-    best_iteration: int
-    last_metrics: SegMetrics | None
-    last_cls: dict[str, float] | None
-    history: list[dict[str, Any]] = field(default_factory=list)
+JointResult = TrainResult  # with ``last_cls``: the classifier agent's last metrics
 
 
-class JointTrainer:
+class JointTrainer(TrainingLoop):
     """Two agents over one shared encoder, each with its own optimizer (module doc)."""
+
+    divergence_hint = "lower train.lr (or joint.cls_lr_ratio) or turn off train.amp"
 
     def __init__(
         self,
         cfg: Config,
         *,
-        resume: bool = False,
+        resume: bool | str | None = None,
         show_progress: bool = True,
         model: nn.Module | None = None,
         tasks: tuple[str, ...] = AGENTS,
@@ -249,13 +231,8 @@ class JointTrainer:
         check_joint(cfg)
         if not tasks or set(tasks) - set(AGENTS):
             raise ValueError(f"tasks must be a non-empty subset of {AGENTS}, got {tasks}")
-        self.cfg, self.tasks = cfg, tuple(t for t in AGENTS if t in tasks)
-        self.dist: DistInfo = init_distributed(cfg.device)
-        self.device = self.dist.device
-        self.run_dir = cfg.run_dir
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        self.show_progress = show_progress and self.dist.is_main
-        torch.manual_seed(cfg.seed)
+        super().__init__(cfg, show_progress)
+        self.tasks = tuple(t for t in AGENTS if t in tasks)
         t, j = cfg.train, cfg.joint
 
         self.train_set, self.val_set = (
@@ -267,8 +244,10 @@ class JointTrainer:
         self.num_cls_classes = num_cls_classes(j.cls_label)
         self.cls_set, self.noisy_indices = self._classifier_data()
         self.cls_val_set = classifier_val_set(cfg, self.val_set)
+        self.last_cls: dict[str, float] | None = None
 
         self.custom_model = model is not None
+        self.save_weight_files = not self.custom_model  # bench baselines keep no files
         if model is None:
             arch, kwargs = model_kwargs(cfg.model)
             if arch != "jointseg":
@@ -291,9 +270,6 @@ class JointTrainer:
         model = self.model
         self.criterion = build_criterion(model, t, self.dist.world_size)
         self.amp_dtype = amp_dtype(t.amp, self.device)
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
-        self.scalers: dict[str, torch.amp.GradScaler] = {}
         for agent in self.tasks:
             params = model.agent_parameters(agent) if self.joint_model else list(model.parameters())
             settings = dataclasses.replace(t, lr=self.agent_lr(agent))
@@ -307,17 +283,7 @@ class JointTrainer:
             self.scalers[agent] = torch.amp.GradScaler(
                 self.device.type, enabled=self.amp_dtype == torch.float16
             )
-        self.iteration = 0
-        self.best_miou = -1.0
-        self.best_iteration = 0
-        self.history: list[dict[str, Any]] = []
-        if resume:
-            self._restore(load_training_state(self.ckpt_dir / "last.pt"))
-        elif (self.ckpt_dir / "last.pt").exists():
-            raise TrainingError(
-                f"{self.run_dir} already holds a run; pass --resume to continue it, "
-                "or choose another name (--set name=...) or out_dir"
-            )
+        self.begin(resume)
 
     def agent_lr(self, agent: str) -> float:
         """The base lr of an agent: ``train.lr``, times ``joint.cls_lr_ratio`` for C."""
@@ -356,72 +322,16 @@ class JointTrainer:
         return ClassificationScenes(scenes, labels), replaced
 
     # -- state -----------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "tasks": list(self.tasks),
-            "optimizers": {k: v.state_dict() for k, v in self.optimizers.items()},
-            "schedulers": {k: v.state_dict() for k, v in self.schedulers.items()},
-            "scalers": {k: v.state_dict() for k, v in self.scalers.items()},
-            "iteration": self.iteration,
-            "best_miou": self.best_miou,
-            "best_iteration": self.best_iteration,
-            "history": self.history,
-            "rng": rng_state(),
-            "config": self.cfg.to_dict(),
-            "info": self.info,
-        }
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        last = self.ckpt_dir / "last.pt"
-        saved = state["config"]
-        for section in ("model", "joint"):
-            mine = self.cfg.to_dict()[section]
-            if saved.get(section) != mine:
-                raise TrainingError(
-                    f"cannot resume {last}: its {section} section {saved.get(section)} "
-                    f"differs from the config's {mine}"
-                )
-        if tuple(state.get("tasks", ())) != self.tasks:
-            raise TrainingError(f"cannot resume {last}: it trained agents {state.get('tasks')}")
-        self.model.load_state_dict(state["model"])
-        for agent in self.tasks:
-            self.optimizers[agent].load_state_dict(state["optimizers"][agent])
-            self.schedulers[agent].load_state_dict(state["schedulers"][agent])
-            self.scalers[agent].load_state_dict(state["scalers"][agent])
-        self.iteration = state["iteration"]
-        self.best_miou = state["best_miou"]
-        self.best_iteration = state["best_iteration"]
-        self.history = state.get("history", [])
-        set_rng_state(state["rng"])
-
-    def save_checkpoint(self) -> None:
-        if self.dist.is_main:
-            save_training_state(self.ckpt_dir / "last.pt", self.state_dict())
+    def check_resumable(self, state: dict[str, Any]) -> None:
+        super().check_resumable(state)
+        saved, mine = state["config"].get("joint"), self.cfg.to_dict()["joint"]
+        if saved != mine:
+            raise TrainingError(
+                f"cannot resume {self.ckpt_dir / 'last.pt'}: its joint section {saved} "
+                f"differs from the config's {mine}"
+            )
 
     # -- loop --------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, batch: int, seed: int, key: str) -> DataLoader:
-        try:
-            sampler = TrainBatchSampler(
-                len(dataset),  # type: ignore[arg-type]
-                batch,
-                seed=seed,
-                rank=self.dist.rank,
-                world_size=self.dist.world_size,
-                start_iteration=self.iteration,
-            )
-        except ValueError as err:
-            raise ConfigError(f"{key}: {err}") from err
-        workers = self.cfg.data.num_workers
-        return DataLoader(
-            SeededAugmentation(dataset),
-            batch_sampler=sampler,
-            num_workers=workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=workers > 0,
-            generator=torch.Generator(),  # keep the global RNG untouched (resume equality)
-        )
-
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
         if self.channels_last:
@@ -457,6 +367,28 @@ class JointTrainer:
         self._update("seg", loss)
         return {"loss_seg": loss.detach(), **{f"loss_seg_{k}": v for k, v in parts.items()}}
 
+    def batch_streams(self) -> dict[str, Iterator]:
+        cfg = self.cfg
+        streams = {}
+        if "cls" in self.tasks:
+            seed = cfg.seed + CLS_SEED_OFFSET
+            streams["cls"] = iter(
+                self.loader(self.cls_set, self.cls_batch_size, seed, "joint.cls_batch_ratio")
+            )
+        if "seg" in self.tasks:
+            loader = self.loader(self.train_set, cfg.data.batch_size, cfg.seed, "data.batch_size")
+            streams["seg"] = iter(loader)
+        return streams
+
+    def train_step(self, streams: dict[str, Iterator]) -> dict[str, torch.Tensor]:
+        values: dict[str, torch.Tensor] = {}
+        if "cls" in streams:
+            values |= self.cls_step(*next(streams["cls"]))
+        if "seg" in streams:
+            values |= self.seg_step(*next(streams["seg"]))
+        self.iteration += 1
+        return values
+
     def validate(self) -> tuple[SegMetrics | None, dict[str, float] | None]:
         seg = cls = None
         d = self.cfg.data
@@ -485,116 +417,24 @@ class JointTrainer:
             )
         return seg, cls
 
-    def train(self) -> JointResult:
-        cfg, t = self.cfg, self.cfg.train
-        logger = RunLogger(self.run_dir, enabled=self.dist.is_main)
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
-        last_seg: SegMetrics | None = None
-        last_cls: dict[str, float] | None = None
-        start_time = time.perf_counter()
-        bar = tqdm(
-            total=t.iterations,
-            initial=self.iteration,
-            disable=not self.show_progress,
-            dynamic_ncols=True,
-            desc=cfg.name,
-            mininterval=0.5 if sys.stderr.isatty() else 30.0,
-        )
-        streams = {}
-        if "cls" in self.tasks:
-            seed = cfg.seed + CLS_SEED_OFFSET
-            streams["cls"] = iter(
-                self._loader(self.cls_set, self.cls_batch_size, seed, "joint.cls_batch_ratio")
-            )
-        if "seg" in self.tasks:
-            loader = self._loader(self.train_set, cfg.data.batch_size, cfg.seed, "data.batch_size")
-            streams["seg"] = iter(loader)
-        try:
-            while self.iteration < t.iterations:
-                values: dict[str, torch.Tensor] = {}
-                if "cls" in streams:
-                    values |= self.cls_step(*next(streams["cls"]))
-                if "seg" in streams:
-                    values |= self.seg_step(*next(streams["seg"]))
-                self.iteration += 1
-                it = self.iteration
-                if it % t.log_interval == 0 or it == t.iterations:
-                    reduced = {
-                        k: float(all_reduce_sum(v.clone()) / self.dist.world_size)
-                        for k, v in values.items()
-                    }
-                    bad = [k for k, v in reduced.items() if not math.isfinite(v)]
-                    if bad:
-                        raise TrainingError(
-                            f"{bad[0]} became {reduced[bad[0]]} at iteration {it}; lower "
-                            "train.lr (or joint.cls_lr_ratio) or turn off train.amp"
-                        )
-                    lrs = {f"lr_{a}": s.get_last_lr()[0] for a, s in self.schedulers.items()}
-                    logger.log(it, "train", {**reduced, **lrs})
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in reduced.items()}, refresh=False)
-                bar.update(1)
-                out_of_time = time_is_up(self.dist, start_time, t.max_time_s)
-                finished = it == t.iterations or out_of_time
-                if (t.val_interval and it % t.val_interval == 0) or finished:
-                    last_seg, last_cls = self.validate()
-                    record: dict[str, float] = {}
-                    if last_seg is not None:
-                        record |= {"miou": last_seg.miou, "pixel_acc": last_seg.pixel_acc}
-                    if last_cls is not None:
-                        record |= {f"cls_{k}": float(v) for k, v in last_cls.items()}
-                    logger.log(it, "val", record)
-                    self.history.append({"iteration": it, **record})
-                    if last_seg is not None and last_seg.miou > self.best_miou:
-                        self.best_miou, self.best_iteration = last_seg.miou, it
-                        if self.dist.is_main and not self.custom_model:
-                            save_weights(
-                                self.ckpt_dir / "best.safetensors",
-                                self.model,
-                                cfg,
-                                {**self.info, "iteration": it, "miou": last_seg.miou},
-                            )
-                    shown = ", ".join(f"{k} {v:.3f}" for k, v in record.items())
-                    bar.write(f"[{cfg.name}] iteration {it}: {shown}")
-                if finished or (t.checkpoint_interval and it % t.checkpoint_interval == 0):
-                    self.save_checkpoint()
-                if out_of_time:
-                    bar.write(
-                        f"[{cfg.name}] train.max_time_s={t.max_time_s} reached at "
-                        f"iteration {it}; stopping (resumable with --resume)"
-                    )
-                    break
-        except KeyboardInterrupt:
-            self.save_checkpoint()
-            bar.write(
-                f"[{cfg.name}] interrupted at iteration {self.iteration}; checkpoint "
-                f"saved to {self.ckpt_dir / 'last.pt'}; continue with --resume"
-            )
-            raise
-        finally:
-            bar.close()
-            logger.close()
-        if self.dist.is_main and not self.custom_model:
-            save_weights(
-                self.ckpt_dir / "final.safetensors",
-                self.model,
-                cfg,
-                {**self.info, "iteration": self.iteration},
-            )
-        return JointResult(
-            self.run_dir,
-            self.iteration,
-            self.best_miou,
-            self.best_iteration,
-            last_seg,
-            last_cls,
-            self.history,
-        )
+    def validation(self) -> tuple[dict[str, float], SegMetrics | None, str]:
+        seg, cls = self.validate()
+        record: dict[str, float] = {}
+        if seg is not None:
+            record |= {"miou": seg.miou, "pixel_acc": seg.pixel_acc}
+        if cls is not None:
+            record |= {f"cls_{k}": float(v) for k, v in cls.items()}
+            self.last_cls = cls
+        return record, seg, ", ".join(f"{k} {v:.3f}" for k, v in record.items())
+
+    def last_classifier_metrics(self) -> dict[str, float] | None:
+        return self.last_cls
 
 
-def train_joint(cfg: Config, *, resume: bool = False, show_progress: bool = True) -> JointResult:
-    """Train a JointSeg config; with ``resume`` continue from ``checkpoints/last.pt``."""
+def train_joint(
+    cfg: Config, *, resume: bool | str | None = None, show_progress: bool = True
+) -> JointResult:
+    """Train a JointSeg config; ``resume`` as :func:`coopseg.engine.train.train`."""
     return JointTrainer(cfg, resume=resume, show_progress=show_progress).train()
 
 
