@@ -196,6 +196,16 @@ def test_danet_links_stay_inside_their_stream(image) -> None:
             assert len(groups) == 1 and None not in groups, (preset, link)  # streams only
         out = model.eval()(image[:1])
         assert out["out"].shape == (1, 3, 64, 64)
+    # Every receiving layer is exactly twice as wide (feature-sharing §3.1); before, links
+    # at both the reduction and the attention output made the stream conv 3x / 4x wide.
+    for preset, receivers in (("oneway-same", ["bottom"]), ("cross", ["top", "bottom"])):
+        model = create_model("cooperative", members=[DANET, DANET], preset=preset, num_classes=3)
+        for name, member in model.members.items():
+            for stream in (member.position, member.channel):
+                width = stream.conv[0].in_channels
+                assert width == (64 if name in receivers else 32), (preset, name, width)
+            assert member.position.reduce[0].in_channels == 512  # the backbone is not linked
+            assert member.classifier[1].in_channels == 32  # nor the fused map
     multiple = create_model("cooperative", members=[DANET, DANET], preset="oneway-multiple")
     targets = sorted(link.target for link in multiple.links)
     assert targets == ["bottom.channel.attention", "bottom.position.attention"]
