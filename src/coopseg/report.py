@@ -129,34 +129,9 @@ def find_metrics(
 def evaluate_for_report(cfg: Any, model: torch.nn.Module, checkpoint: Path, val_set: Any, device):
     """The dict ``coopseg eval`` writes to ``eval.json``, computed in this process."""
     from .engine.distributed import DistInfo
-    from .engine.evaluate import amp_dtype, evaluate_outputs, slide_window
+    from .engine.evaluate import evaluation_report
 
-    slide = slide_window(cfg.eval, cfg.data.crop_size)
-    all_metrics = evaluate_outputs(
-        model,
-        val_set,
-        val_set.num_classes,
-        dist=DistInfo(0, 1, 0, device),
-        batch_size=cfg.data.val_batch_size,
-        scales=cfg.eval.scales,
-        flip=cfg.eval.flip,
-        amp_dtype=amp_dtype(cfg.train.amp, device),
-        slide=slide,
-    )
-    names = list(val_set.class_names)
-    first = next(iter(all_metrics.values()))
-    report = {
-        "checkpoint": str(checkpoint),
-        "dataset": cfg.data.dataset,
-        "scales": cfg.eval.scales,
-        "flip": cfg.eval.flip,
-        "mode": cfg.eval.mode,
-        **first.to_dict(names),
-    }
-    if len(all_metrics) > 1:
-        report["output"] = next(iter(all_metrics))
-        report["outputs"] = {k: m.to_dict(names) for k, m in all_metrics.items()}
-    return report
+    return evaluation_report(cfg, model, checkpoint, val_set, DistInfo(0, 1, 0, device))[0]
 
 
 # --- charts -----------------------------------------------------------------------------

@@ -418,6 +418,49 @@ def _probe_outputs(model: nn.Module, dataset: Dataset, device: torch.device) -> 
     return model(image[None].to(device))
 
 
+def evaluation_report(
+    cfg: Config,
+    model: nn.Module,
+    checkpoint: str | Path,
+    val_set: SegmentationDataset,
+    dist: DistInfo,
+    on_batch: Callable[[torch.Tensor], None] | None = None,
+) -> tuple[dict[str, Any], dict[str, SegMetrics]]:
+    """Every output's metrics under the config's eval protocol (scales, flip, slide or
+    center region), and the dict ``eval.json`` holds (headline first)."""
+    slide = slide_window(cfg.eval, cfg.data.crop_size)
+    center = center_region(cfg.eval, cfg.data.crop_size)
+    all_metrics = evaluate_outputs(
+        model.to(dist.device),
+        val_set,
+        val_set.num_classes,
+        dist=dist,
+        batch_size=1 if on_batch else cfg.data.val_batch_size,
+        scales=cfg.eval.scales,
+        flip=cfg.eval.flip,
+        amp_dtype=amp_dtype(cfg.train.amp, dist.device),
+        num_workers=cfg.data.num_workers,
+        slide=slide,
+        on_batch=on_batch,
+        center=center,
+    )
+    names = list(val_set.class_names)
+    report = {
+        "checkpoint": str(checkpoint),
+        "dataset": cfg.data.dataset,
+        "scales": cfg.eval.scales,
+        "flip": cfg.eval.flip,
+        "mode": cfg.eval.mode,
+        **({"crop_size": list(slide.crop), "stride": list(slide.stride)} if slide else {}),
+        **({"center": list(center)} if center else {}),
+        **next(iter(all_metrics.values())).to_dict(names),
+    }
+    if len(all_metrics) > 1:  # a cooperative model: fused and every member, as in the papers
+        report["output"] = next(iter(all_metrics))  # the headline above: model.report
+        report["outputs"] = {k: m.to_dict(names) for k, m in all_metrics.items()}
+    return report, all_metrics
+
+
 def evaluate_checkpoint(
     cfg: Config,
     model: nn.Module,
@@ -437,41 +480,12 @@ def evaluate_checkpoint(
     if save_predictions is not None:
         shard = shard_indices(len(val_set), dist.rank, dist.world_size)
         writer = PredictionWriter(val_set, shard, save_predictions)
-    slide = slide_window(cfg.eval, cfg.data.crop_size)
-    center = center_region(cfg.eval, cfg.data.crop_size)
-    all_metrics = evaluate_outputs(
-        model.to(dist.device),
-        val_set,
-        val_set.num_classes,
-        dist=dist,
-        batch_size=1 if writer else cfg.data.val_batch_size,
-        scales=cfg.eval.scales,
-        flip=cfg.eval.flip,
-        amp_dtype=amp_dtype(cfg.train.amp, dist.device),
-        num_workers=cfg.data.num_workers,
-        slide=slide,
-        on_batch=writer,
-        center=center,
-    )
+    report, all_metrics = evaluation_report(cfg, model, checkpoint, val_set, dist, writer)
     if writer is not None:
         print(f"rank {dist.rank}: {len(writer.written)} predictions written to {save_predictions}")
-    metrics = next(iter(all_metrics.values()))
-    report = {
-        "checkpoint": str(checkpoint),
-        "dataset": cfg.data.dataset,
-        "scales": cfg.eval.scales,
-        "flip": cfg.eval.flip,
-        "mode": cfg.eval.mode,
-        **({"crop_size": list(slide.crop), "stride": list(slide.stride)} if slide else {}),
-        **({"center": list(center)} if center else {}),
-        **metrics.to_dict(val_set.class_names),
-    }
-    if len(all_metrics) > 1:  # a cooperative model: fused and every member, as in the papers
-        report["output"] = next(iter(all_metrics))  # the headline above: model.report
-        report["outputs"] = {k: m.to_dict(val_set.class_names) for k, m in all_metrics.items()}
     if dist.is_main:
         title = f"{cfg.name}: {cfg.data.dataset} val ({len(val_set)} images)"
-        shown = all_metrics if len(all_metrics) > 1 else metrics
+        shown = all_metrics if len(all_metrics) > 1 else next(iter(all_metrics.values()))
         print(format_table(shown, val_set.class_names, title=title))
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
