@@ -23,15 +23,13 @@ chance, as random labels do), chosen and drawn from the seed alone.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ..config import DataConfig
-from .fashionscenes import MAX_OBJECTS, NUM_CLASSES, FashionScenes, build_fashionscenes
-from .transforms import data_transform
+from .fashionscenes import MAX_OBJECTS, NUM_CLASSES, FashionScenes
 
 CLS_LABELS = ("dominant", "count")
 BINARY_RULES = ("argmax", "mass")
@@ -122,12 +120,8 @@ def joint_scenes(cfg: DataConfig, split: str) -> FashionScenes:
     """A FashionScenes split with the pipeline of every ``data.*`` option
     (:func:`coopseg.data.transforms.data_transform`: flips, random padding, per-image
     standardisation), for both agents and their evaluation."""
-    root = build_fashionscenes(
-        Path(cfg.root) if cfg.root else None,
-        size=cfg.scene_size,
-        train=cfg.train_scenes,
-        val=cfg.val_scenes,
-        seed=cfg.scene_seed,
-        source=Path(cfg.source) if cfg.source else None,
-    )
-    return FashionScenes(root, split, data_transform(cfg, split))
+    from . import build_dataset  # the package's builder; it does not import this module
+
+    if cfg.dataset != "fashionscenes":
+        raise ValueError(f"joint scenes come from FashionScenes, not {cfg.dataset!r}")
+    return build_dataset(cfg, split)  # type: ignore[return-value]
