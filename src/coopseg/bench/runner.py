@@ -1,0 +1,170 @@
+"""Running a bench's trainings: one run per (row, seed), cached, optionally in parallel.
+
+A bench table takes an hour or more on 2 CPU cores, so a run that finished is never
+trained again: its result is written beside it (``<run>/bench-result.json``, with the
+config it came from) and reused while the config is unchanged. Checkpoints are deleted
+after a run unless asked to keep them (a pair's ``best-*`` files and ``last.pt`` take
+~0.2 GB a run). ``jobs > 1`` trains that many runs at once in worker processes, each with
+``threads`` threads: with small models two one-thread processes use 2 cores better than
+one two-thread process.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config, config_from_dict
+
+RESULT_FILE = "bench-result.json"
+
+
+def train_seconds_from_log(run_dir: Path) -> float | None:
+    """Seconds from the run's start record to its last training record in ``log.jsonl``:
+    the iterations' wall time without the final validation and checkpoint writes."""
+    try:
+        lines = (run_dir / "log.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+    except (OSError, ValueError):
+        return None
+    starts = [r["time"] for r in records if r.get("kind") == "start"]
+    ends = [r["time"] for r in records if r.get("kind") == "train"]
+    if not starts or not ends or ends[-1] < starts[-1]:
+        return None
+    return ends[-1] - starts[-1]
+
+
+def run_one(cfg: Config, keep_checkpoints: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` from scratch and measure it: each output's val metrics (the final
+    validation; keys as the trainer labels them: ``out``, or ``fused``/member names),
+    parameters, GMACs at the scene size, and the training time."""
+    from ..engine.profile import count_macs, count_params
+    from ..engine.train import Trainer
+
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)  # the bench's own folder: rerunnable
+    trainer = Trainer(cfg, show_progress=False)
+    start = time.perf_counter()
+    trainer.train()
+    total_s = time.perf_counter() - start
+    model = trainer.model
+    size = tuple(cfg.data.crop_size)
+    metrics = trainer.output_metrics
+    train_s = train_seconds_from_log(cfg.run_dir) or total_s
+    result = {
+        "miou": {name: m.miou for name, m in metrics.items()},
+        "iou": {name: list(m.iou) for name, m in metrics.items()},
+        "pixel_acc": {name: m.pixel_acc for name, m in metrics.items()},
+        "params_m": count_params(model) / 1e6,
+        "trainable_params_m": count_params(model, trainable=True) / 1e6,
+        "gmacs": count_macs(model, size) / 1e9,
+        "iterations": trainer.iteration,
+        "train_s": train_s,
+        "total_s": total_s,
+        "step_s": train_s / max(trainer.iteration, 1),
+        "threads": torch.get_num_threads(),
+    }
+    del trainer, model
+    if not keep_checkpoints:
+        shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)
+    _write_result(cfg, result)
+    return result
+
+
+def _plain(cfg: Config) -> dict[str, Any]:
+    """The config as JSON would store it (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(cfg.to_dict()))
+
+
+def _write_result(cfg: Config, result: dict[str, Any]) -> None:
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"config": _plain(cfg), "result": result}
+    (cfg.run_dir / RESULT_FILE).write_text(json.dumps(payload, indent=1))
+
+
+def cached_result(cfg: Config) -> dict[str, Any] | None:
+    """The result a finished run of exactly this config left in its folder, if any."""
+    try:
+        payload = json.loads((cfg.run_dir / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if payload.get("config") != _plain(cfg):
+        return None
+    return payload.get("result")
+
+
+def _init_worker(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _work(raw: dict[str, Any], keep_checkpoints: bool) -> dict[str, Any]:
+    return run_one(config_from_dict(raw), keep_checkpoints)
+
+
+def run_configs(
+    configs: Sequence[Config],
+    *,
+    jobs: int = 1,
+    threads: int | None = None,
+    keep_checkpoints: bool = False,
+    rerun: bool = False,
+    on_result: Callable[[Config, dict[str, Any], bool], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Results by run name, training what is not cached (``rerun``: everything).
+
+    ``jobs > 1``: that many worker processes (spawned), in the order given, each with
+    ``threads`` torch threads. ``on_result(cfg, result, reused)`` is called as runs end.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    todo: list[Config] = []
+    for cfg in configs:
+        cached = None if rerun else cached_result(cfg)
+        if cached is None:
+            todo.append(cfg)
+            continue
+        results[cfg.name] = cached
+        if on_result:
+            on_result(cfg, cached, True)
+    if jobs <= 1 or len(todo) <= 1:
+        if threads:
+            torch.set_num_threads(threads)
+        for cfg in todo:
+            results[cfg.name] = run_one(cfg, keep_checkpoints)
+            if on_result:
+                on_result(cfg, results[cfg.name], False)
+        return results
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)
+    ) as pool:
+        futures = {pool.submit(_work, cfg.to_dict(), keep_checkpoints): cfg for cfg in todo}
+        for future in as_completed(futures):
+            cfg = futures[future]
+            results[cfg.name] = future.result()
+            if on_result:
+                on_result(cfg, results[cfg.name], False)
+    return results
+
+
+def prepare_fashionscenes(cfg: Config) -> None:
+    """Build the scenes once before parallel workers start (they would race to)."""
+    from ..data import build_fashionscenes
+
+    if cfg.data.dataset != "fashionscenes":
+        return
+    build_fashionscenes(
+        Path(cfg.data.root) if cfg.data.root else None,
+        size=cfg.data.scene_size,
+        train=cfg.data.train_scenes,
+        val=cfg.data.val_scenes,
+        seed=cfg.data.scene_seed,
+        source=Path(cfg.data.source) if cfg.data.source else None,
+    )
