@@ -49,9 +49,11 @@ def main() -> None:
     for name, spec in MODELS.items():
         spec = dict(spec)
         arch = spec.pop("arch")
-        models[name] = create_model(
-            arch, backbone=args.backbone, num_classes=args.classes, **spec
-        ).to(device).eval()
+        models[name] = (
+            create_model(arch, backbone=args.backbone, num_classes=args.classes, **spec)
+            .to(device)
+            .eval()
+        )
     rows = {
         name: {
             "params_m": count_params(m) / 1e6,
@@ -85,9 +87,7 @@ def main() -> None:
     for name, r in rows.items():
         ms = statistics.median(r["ms"])
         r["latency_ms"] = ms
-        print(
-            f"| {name} | {r['params_m']:.2f} | {r['gmacs']:.2f} | {ms:.0f} | {ms / base:.2f}x |"
-        )
+        print(f"| {name} | {r['params_m']:.2f} | {r['gmacs']:.2f} | {ms:.0f} | {ms / base:.2f}x |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "rows": rows}, fh, indent=2)
