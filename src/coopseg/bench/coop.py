@@ -56,6 +56,7 @@ from typing import Any
 from ..config import Config, config_from_dict, parse_overrides
 from . import runner
 from .charts import bar_chart
+from .recipe import fine_tune_sections
 from .stats import differences_markdown, mean_std, paired_difference
 
 LITE0, LITE2 = "tf_efficientnet_lite0", "tf_efficientnet_lite2"
@@ -197,7 +198,6 @@ def bench_config(
     if row not in ROWS:
         raise ValueError(f"unknown bench row {row!r}; one of {list(ROWS)}")
     r, s = ROWS[row], mode_settings(mode, settings)
-    size = s["scene_size"]
     members = [
         {
             **MEMBER,
@@ -221,31 +221,7 @@ def bench_config(
             "fuse": s["fuse"],
             **r.model_keys,
         },
-        "data": {
-            "dataset": "fashionscenes",
-            "scene_size": size,
-            "train_scenes": s["train_scenes"],
-            "val_scenes": s["val_scenes"],
-            "batch_size": s["batch_size"],  # per member: every member sees the same images
-            "val_batch_size": 25,
-            "crop_size": [size, size],
-            "scale_range": [1.0, 1.0],
-            "hflip": True,
-        },
-        "train": {
-            "iterations": s["iterations"],
-            "optimizer": "adamw",
-            "lr": s["lr"],
-            "weight_decay": 1e-4,
-            "poly_power": 0.9,
-            "warmup_iterations": s["warmup_iterations"],
-            "frozen_stages": s["frozen_stages"],
-            "amp": "auto",
-            "channels_last": True,
-            "val_interval": 0,
-            "checkpoint_interval": 0,
-            "log_interval": 50,
-        },
+        **fine_tune_sections(s),
     }
     return config_from_dict(raw, list(overrides))
 

@@ -42,6 +42,7 @@ from .charts import bar_chart
 from .coop import LITE0, PLATEAU, SETTING_KEYS
 from .coop import MEMBER as DEEPLAB
 from .coop import MODES as COOP_MODES
+from .recipe import fine_tune_sections
 from .stats import differences_markdown, mean_std, paired_difference
 
 ROWS: dict[str, dict[str, Any]] = {
@@ -90,38 +91,13 @@ def bench_config(
     if row not in ROWS:
         raise ValueError(f"unknown dfdam bench row {row!r}; one of {list(ROWS)}")
     s = mode_settings(mode, settings)
-    size = s["scene_size"]
     raw = {
         "name": f"{row}-seed{seed}",
         "seed": seed,
         "device": "auto",
         "out_dir": str(out_dir),
         "model": {**ROWS[row], "num_classes": 11},
-        "data": {
-            "dataset": "fashionscenes",
-            "scene_size": size,
-            "train_scenes": s["train_scenes"],
-            "val_scenes": s["val_scenes"],
-            "batch_size": s["batch_size"],
-            "val_batch_size": 25,
-            "crop_size": [size, size],
-            "scale_range": [1.0, 1.0],
-            "hflip": True,
-        },
-        "train": {
-            "iterations": s["iterations"],
-            "optimizer": "adamw",
-            "lr": s["lr"],
-            "weight_decay": 1e-4,
-            "poly_power": 0.9,
-            "warmup_iterations": s["warmup_iterations"],
-            "frozen_stages": s["frozen_stages"],
-            "amp": "auto",
-            "channels_last": True,
-            "val_interval": 0,
-            "checkpoint_interval": 0,
-            "log_interval": 50,
-        },
+        **fine_tune_sections(s),
     }
     return config_from_dict(raw, list(overrides))
 
