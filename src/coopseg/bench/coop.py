@@ -46,7 +46,6 @@ and ``--set`` recalibrate it.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +54,6 @@ from typing import Any
 
 from ..config import Config, config_from_dict, parse_overrides
 from . import runner
-from .charts import bar_chart
 from .recipe import fine_tune_sections
 from .stats import differences_markdown, mean_std, paired_difference
 
@@ -117,6 +115,8 @@ ROWS: dict[str, Row] = {  # cost: measured step time / single's (module docstrin
     ),
 }
 DEFAULT_ROWS = tuple(ROWS)
+OUTPUTS = ("top", "bottom", "fused")  # the chart's series
+
 # Rows that build the very model (same seed, same batches) of another row: reused.
 SAME_AS = {"cross-no-paths": "ensemble"}
 
@@ -378,24 +378,11 @@ def _progress(cfg: Config, result: Mapping[str, Any], reused: bool) -> None:
 
 def write_report(report: dict[str, Any], out_dir: Path) -> str:
     """Write ``coop.json``, ``coop.png`` and ``coop.md``; return the Markdown."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     table = report["table"]
-    if table:
-        groups = list(table)
-        outputs = ("top", "bottom", "fused")
-        series = {name: [table[g]["miou"].get(name) for g in groups] for name in outputs}
-        bar_chart(
-            groups,
-            series,
-            out_dir / "coop.png",
-            title=f"FashionScenes, {len(report['seeds'])} seeds: mean ± std",
-            threshold=report["plateau"],
-        )
-        report["chart"] = "coop.png"
-    (out_dir / "coop.json").write_text(json.dumps(report, indent=2))
-    text = markdown(report)
-    (out_dir / "coop.md").write_text(text)
-    return text
+    groups = list(table)
+    series = {name: [table[g]["miou"].get(name) for g in groups] for name in OUTPUTS}
+    title = f"FashionScenes, {len(report['seeds'])} seeds: mean ± std"
+    return runner.save_report(out_dir, "coop", report, series, groups, title, markdown)
 
 
 def run_coop_bench(

@@ -27,7 +27,6 @@ scene size and at 320×640.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from collections.abc import Mapping, Sequence
@@ -38,7 +37,6 @@ import torch
 
 from ..config import Config, config_from_dict
 from . import runner
-from .charts import bar_chart
 from .coop import LITE0, PLATEAU, SETTING_KEYS
 from .coop import MEMBER as DEEPLAB
 from .coop import MODES as COOP_MODES
@@ -266,22 +264,11 @@ def markdown(report: Mapping[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], out_dir: Path) -> str:
     """Write ``dfdam.json``, ``dfdam.png`` and ``dfdam.md``; return the Markdown."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     table = report["table"]
-    if table:
-        groups = [_label(r) for r in table]
-        bar_chart(
-            groups,
-            {"val mIoU": [v["miou"] for v in table.values()]},
-            out_dir / "dfdam.png",
-            title=f"DF-DAM ablation on lite0, {len(report['seeds'])} seeds: mean ± std",
-            threshold=report["plateau"],
-        )
-        report["chart"] = "dfdam.png"
-    (out_dir / "dfdam.json").write_text(json.dumps(report, indent=2))
-    text = markdown(report)
-    (out_dir / "dfdam.md").write_text(text)
-    return text
+    series = {"val mIoU": [v["miou"] for v in table.values()]}
+    title = f"DF-DAM ablation on lite0, {len(report['seeds'])} seeds: mean ± std"
+    groups = [_label(r) for r in table]
+    return runner.save_report(out_dir, "dfdam", report, series, groups, title, markdown)
 
 
 def _progress(cfg: Config, result: Mapping[str, Any], reused: bool) -> None:

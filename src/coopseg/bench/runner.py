@@ -168,3 +168,26 @@ def prepare_fashionscenes(cfg: Config) -> None:
         seed=cfg.data.scene_seed,
         source=Path(cfg.data.source) if cfg.data.source else None,
     )
+
+
+def save_report(
+    out_dir: Path,
+    name: str,
+    report: dict[str, Any],
+    series: dict[str, list[Any]],
+    groups: Sequence[str],
+    title: str,
+    markdown: Callable[[dict[str, Any]], str],
+) -> str:
+    """Write ``<name>.png`` (when there are rows), ``<name>.json`` and ``<name>.md`` for a
+    bench's report; return the Markdown."""
+    from .charts import bar_chart
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if report["table"]:
+        bar_chart(groups, series, out_dir / f"{name}.png", title=title, threshold=report["plateau"])
+        report["chart"] = f"{name}.png"
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
+    text = markdown(report)
+    (out_dir / f"{name}.md").write_text(text)
+    return text
