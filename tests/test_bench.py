@@ -339,6 +339,7 @@ def test_bench_all_writes_one_report(tmp_path: Path, monkeypatch) -> None:
     assert "](coop/coop.png)" in text and "](dfdam/dfdam.png)" in text
     assert (tmp_path / "coop" / "coop.png").exists() and (tmp_path / "dfdam" / "dfdam.png").exists()
     assert summary["benches"] == ["coop", "dfdam", "jointseg"]
+    assert "Training time of the runs behind the tables" in text
     assert json.loads((tmp_path / "report.json").read_text())["machine"]["cpu_count"] >= 1
 
 
@@ -382,3 +383,16 @@ def test_cli_passes_the_bench_options(monkeypatch) -> None:
     assert tuple(coop.ROWS) == commands.COOP_ROWS and tuple(dfdam.ROWS) == commands.DFDAM_ROWS
     with pytest.raises(SystemExit):
         cli.main(["bench", "coop", "--rows", "nonsense"])
+
+
+def test_bench_all_sums_the_training_time_behind_each_table(tmp_path: Path) -> None:
+    from coopseg.bench.report import run_minutes
+
+    runs = {
+        "single": [{"train_s": 60.0}, {"train_s": 120.0}],
+        "cross-no-paths": [{"train_s": 90.0, "same_as": "ensemble"}],  # not trained again
+        "ensemble": [{"train_s": 90.0}],
+    }
+    (tmp_path / "coop.json").write_text(json.dumps({"runs": runs}))
+    assert run_minutes(tmp_path / "coop.json") == pytest.approx(4.5)
+    assert math.isnan(run_minutes(tmp_path / "missing.json"))

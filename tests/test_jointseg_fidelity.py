@@ -61,7 +61,7 @@ def test_pag_default_has_no_learned_gate_and_is_switch_plus_max_pool() -> None:
 def test_binary_normal_is_level_0_in_schema_packaged_config_and_bench(tmp_path) -> None:
     assert JointConfig().binary_normal == [0]
     assert load_config(resolve_config_path("jointseg-fashionscenes")).joint.binary_normal == [0]
-    assert bench_config("quick", 0, tmp_path, "x").joint.binary_normal == [0]
+    assert bench_config("jointseg", 0, "quick", tmp_path).joint.binary_normal == [0]
 
 
 def test_count_grade_makes_level_0_a_real_frequent_class(tiny_scenes) -> None:
@@ -325,20 +325,3 @@ def test_timm_classifier_is_a_classifier_agent_the_trainer_trains(make_config) -
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     with pytest.raises(ValueError, match="'cls' agent"):
         model.agent_parameters("seg")
-
-
-@pytest.mark.slow
-def test_bench_runs_every_row_with_level_0_normal_and_a_timm_classifier(
-    tmp_path, monkeypatch
-) -> None:
-    from coopseg.bench import jointseg as bench
-
-    monkeypatch.setenv("COOPSEG_CACHE", str(tmp_path / "cache"))
-    tiny = {"iterations": 1, "scene_size": 32, "train_scenes": 16, "val_scenes": 4}
-    tiny |= {"widths": [4, 8, 8, 16, 16], "cls_batch_ratio": 2, "timm_classifiers": []}
-    monkeypatch.setitem(bench.MODES, "tiny", tiny)
-    report = bench.run_jointseg_bench("tiny", (0,), tmp_path / "out", ["test_resnet"])
-    rows = set(report["table"])
-    assert {"jointseg", "classifier", "timm-test_resnet", "unet", "fcn8s-pretrained"} <= rows
-    text = (tmp_path / "out" / "jointseg.md").read_text()
-    assert "timm test_resnet" in text and "binary: 0 normal" in text

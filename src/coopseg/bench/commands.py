@@ -21,6 +21,19 @@ COOP_ROWS = (
     "cross-lite0-lite2",
 )  # bench.coop.ROWS, listed here so --help needs no torch import
 DFDAM_ROWS = ("deeplabv3plus", "sum", "dafm", "dafm+2dpam")
+JOINTSEG_ROWS = (
+    "jointseg",
+    "jointseg-paper",
+    "jointseg-noise50",
+    "jointseg-noise80",
+    "classifier",
+    "fcn8s",
+    "unet",
+    "fcn8s-imagenet",
+    "unet-imagenet",
+    "fcn8s-classifier",
+    "unet-classifier",
+)  # bench.jointseg.ROWS
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -83,7 +96,10 @@ def cmd_bench_dfdam(args: argparse.Namespace) -> int:
 def cmd_bench_jointseg(args: argparse.Namespace) -> int:
     from .jointseg import run_jointseg_bench
 
-    run_jointseg_bench(args.mode, args.seeds, args.out)
+    common = _common(args)
+    common["settings"] = {k: v for k, v in common["settings"].items() if k != "fuse"}
+    common["settings"]["pretrained_lr"] = args.pretrained_lr
+    run_jointseg_bench(args.mode, args.seeds, args.out, args.rows, **common)
     return 0
 
 
@@ -213,17 +229,26 @@ def add_bench_parsers(sub: Any) -> None:
 
     bj = bench_sub.add_parser(
         "jointseg",
-        help="JointSeg vs FCN-8s/U-Net, classifier accuracy, random labels (quick: ~20 min)",
+        help="JointSeg vs FCN-8s/U-Net (random init, ImageNet lite0), the paper's recipe, "
+        "classifier accuracy, random labels (quick: <= 45 min)",
     )
-    bj.add_argument("--mode", choices=["quick", "full"], default="quick")
-    bj.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    _add_run_options(bj, "runs/bench-jointseg", "jointseg.md / jointseg.json / jointseg.png")
     bj.add_argument(
-        "--out", default="runs/bench-jointseg", help="folder for jointseg.md / jointseg.json"
+        "--pretrained-lr",
+        type=float,
+        help="AdamW lr of the rows whose encoder starts pretrained (--lr: from random init)",
+    )
+    bj.add_argument(
+        "--rows",
+        nargs="+",
+        metavar="ROW",
+        help=f"rows to run (default: the mode's): {' '.join(JOINTSEG_ROWS)} or "
+        "timm-<timm model name> (a timm classifier from random init)",
     )
     bj.set_defaults(func=cmd_bench_jointseg)
 
     ba = bench_sub.add_parser(
-        "all", help="coop, dfdam and jointseg, then one Markdown report (quick: ~2.5 h)"
+        "all", help="coop, dfdam and jointseg, then one Markdown report (quick: ~2 h)"
     )
     _add_run_options(ba, "runs/bench-all", "report.md and one folder per bench")
     ba.add_argument(

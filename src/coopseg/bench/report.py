@@ -64,11 +64,14 @@ def _dfdam(out: Path, kw: Mapping[str, Any]) -> str:
 
 
 def _jointseg(out: Path, kw: Mapping[str, Any]) -> str:
-    from .jointseg import run_jointseg_bench
+    from .jointseg import SETTING_KEYS, run_jointseg_bench
 
-    run_jointseg_bench(kw["mode"], kw["seeds"], out)
-    body = (out / "jointseg.md").read_text()
-    return f"## JointSeg in miniature (`coopseg bench jointseg`)\n\n{body}"
+    common = {k: v for k, v in kw["common"].items() if k not in ("member", "stop_on_plateau")}
+    # the coop/dfdam-only settings (warm-up, frozen stages, fuse) do not apply here
+    settings = common.get("settings") or {}
+    common["settings"] = {k: v for k, v in settings.items() if k in SETTING_KEYS}
+    run_jointseg_bench(kw["mode"], kw["seeds"], out, **common)
+    return (out / "jointseg.md").read_text()
 
 
 RUNNERS: dict[str, Callable[[Path, Mapping[str, Any]], str]] = {
@@ -78,9 +81,20 @@ RUNNERS: dict[str, Callable[[Path, Mapping[str, Any]], str]] = {
 }
 
 
+def run_minutes(bench_json: Path) -> float:
+    """Training minutes of the runs behind a bench's tables (reused runs included; a row
+    that repeats another, ``same_as``, counted once)."""
+    try:
+        runs = json.loads(bench_json.read_text()).get("runs", {})
+    except (OSError, ValueError):
+        return float("nan")
+    seconds = [r.get("train_s", 0.0) for rs in runs.values() for r in rs if "same_as" not in r]
+    return sum(seconds) / 60
+
+
 def _relink(text: str, folder: str) -> str:
     """Image links of a bench page, made relative to the report's folder."""
-    for chart in ("coop.png", "dfdam.png"):
+    for chart in ("coop.png", "dfdam.png", "jointseg.png"):
         text = text.replace(f"]({chart})", f"]({folder}/{chart})")
     return text
 
@@ -100,23 +114,26 @@ def run_all(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
-    pages, timings = [], {}
+    pages, timings, compute = [], {}, {}
     kw = {"mode": mode, "seeds": list(seeds), "common": common}
     for name in benches:
         start = time.perf_counter()
         page = RUNNERS[name](out_dir / name, kw)
         timings[name] = time.perf_counter() - start
+        compute[name] = run_minutes(out_dir / name / f"{name}.json")
         pages.append(_relink(page, name))
         print(f"[bench all] {name}: {timings[name] / 60:.1f} min", flush=True)
     info = machine()
     when = ", ".join(f"{name} {t / 60:.1f} min" for name, t in timings.items())
+    trained = ", ".join(f"{name} {m:.0f} min" for name, m in compute.items())
     head = [
         "# The papers' comparisons in miniature (`coopseg bench all`)",
         "",
         f"Mode `{mode}`, seeds {list(seeds)}; started {started:%Y-%m-%d %H:%M} UTC. Machine: "
         f"{info['processor']}, {info['cpu_count']} cores, torch {info['torch']}"
         + (f", GPU {info['cuda']}" if "cuda" in info else "")
-        + f". Wall time: {when}.",
+        + f". Wall time of this command: {when} (finished runs are reused). Training "
+        f"time of the runs behind the tables, summed over runs: {trained}.",
         "",
     ]
     text = "\n".join(head) + "\n" + "\n".join(pages)
@@ -127,6 +144,7 @@ def run_all(
         "benches": list(benches),
         "started": started.isoformat(),
         "minutes": {k: v / 60 for k, v in timings.items()},
+        "run_minutes": compute,
         "machine": info,
         "pages": {name: str(out_dir / name) for name in benches},
     }

@@ -74,7 +74,7 @@ def run_one(cfg: Config, keep_checkpoints: bool = False) -> dict[str, Any]:
     del trainer, model
     if not keep_checkpoints:
         shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)
-    _write_result(cfg, result)
+    save_result(cfg, result)
     return result
 
 
@@ -83,7 +83,15 @@ def _plain(cfg: Config) -> dict[str, Any]:
     return json.loads(json.dumps(cfg.to_dict()))
 
 
-def _write_result(cfg: Config, result: dict[str, Any]) -> None:
+def _same_run(stored: dict[str, Any], cfg: Config) -> bool:
+    """Whether a stored config is ``cfg`` up to ``out_dir``: a bench folder that was moved
+    or copied (``bench all`` over finished single benches) still holds the same runs."""
+    plain = _plain(cfg)
+    return {**stored, "out_dir": None} == {**plain, "out_dir": None}
+
+
+def save_result(cfg: Config, result: dict[str, Any]) -> None:
+    """Store a finished run's result beside it, keyed by its config (the cache)."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     payload = {"config": _plain(cfg), "result": result}
     (cfg.run_dir / RESULT_FILE).write_text(json.dumps(payload, indent=1))
@@ -95,7 +103,7 @@ def cached_result(cfg: Config) -> dict[str, Any] | None:
         payload = json.loads((cfg.run_dir / RESULT_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if payload.get("config") != _plain(cfg):
+    if not isinstance(payload.get("config"), dict) or not _same_run(payload["config"], cfg):
         return None
     return payload.get("result")
 
@@ -105,8 +113,11 @@ def _init_worker(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _work(raw: dict[str, Any], keep_checkpoints: bool) -> dict[str, Any]:
-    return run_one(config_from_dict(raw), keep_checkpoints)
+Work = Callable[[Config, bool], dict[str, Any]]
+
+
+def _work(work: Work, raw: dict[str, Any], keep_checkpoints: bool) -> dict[str, Any]:
+    return work(config_from_dict(raw), keep_checkpoints)
 
 
 def run_configs(
@@ -117,12 +128,19 @@ def run_configs(
     keep_checkpoints: bool = False,
     rerun: bool = False,
     on_result: Callable[[Config, dict[str, Any], bool], None] | None = None,
+    work: Work | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Results by run name, training what is not cached (``rerun``: everything).
+
+    ``work(cfg, keep_checkpoints)`` trains one run and returns its result (default
+    :func:`run_one`, a ``Trainer`` run); with ``jobs > 1`` it must be a module-level
+    function (it is sent to the workers by name). It should save its result with
+    :func:`save_result` so that the run is cached.
 
     ``jobs > 1``: that many worker processes (spawned), in the order given, each with
     ``threads`` torch threads. ``on_result(cfg, result, reused)`` is called as runs end.
     """
+    work = work or run_one  # looked up at call time (tests replace ``run_one``)
     results: dict[str, dict[str, Any]] = {}
     todo: list[Config] = []
     for cfg in configs:
@@ -137,7 +155,7 @@ def run_configs(
         if threads:
             torch.set_num_threads(threads)
         for cfg in todo:
-            results[cfg.name] = run_one(cfg, keep_checkpoints)
+            results[cfg.name] = work(cfg, keep_checkpoints)
             if on_result:
                 on_result(cfg, results[cfg.name], False)
         return results
@@ -145,7 +163,7 @@ def run_configs(
     with ProcessPoolExecutor(
         max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)
     ) as pool:
-        futures = {pool.submit(_work, cfg.to_dict(), keep_checkpoints): cfg for cfg in todo}
+        futures = {pool.submit(_work, work, cfg.to_dict(), keep_checkpoints): cfg for cfg in todo}
         for future in as_completed(futures):
             cfg = futures[future]
             results[cfg.name] = future.result()
