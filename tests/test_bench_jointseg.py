@@ -59,7 +59,7 @@ def test_rows_share_data_and_budget_and_only_the_paper_row_changes_the_recipe() 
         assert model["arch"] == arch and model["pretrained"] is True
         assert model["backbone"] == "tf_efficientnet_lite0"
         assert configs[arch].model["arch"] == "jointseg"  # the JointSeg encoder, random init
-    with pytest.raises(ValueError, match="takes no setting 'frozen_stages'"):
+    with pytest.raises(ValueError, match="unknown bench setting 'frozen_stages'"):
         bench.bench_config("jointseg", 0, settings={"frozen_stages": 2})
     with pytest.raises(ValueError, match="unknown jointseg bench row 'segnet'"):
         bench.bench_config("segnet", 0)

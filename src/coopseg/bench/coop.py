@@ -54,8 +54,8 @@ from typing import Any
 
 from ..config import Config, config_from_dict, parse_overrides
 from . import runner
-from .recipe import fine_tune_sections
-from .stats import differences_markdown, mean_std, paired_difference
+from .recipe import fine_tune_sections, overlay_settings
+from .stats import differences_markdown, mean_std, paired_by_seed
 
 LITE0, LITE2 = "tf_efficientnet_lite0", "tf_efficientnet_lite2"
 
@@ -169,13 +169,7 @@ PLATEAU = 15.0  # % val mIoU below which an output is still on the background pl
 
 def mode_settings(mode: str, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The mode's settings with ``settings`` (None values ignored) laid over them."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    extra = {k: v for k, v in (settings or {}).items() if v is not None}
-    unknown = sorted(set(extra) - set(SETTING_KEYS))
-    if unknown:
-        raise ValueError(f"unknown bench setting {unknown[0]!r}; one of {list(SETTING_KEYS)}")
-    return {**MODES[mode], **extra}
+    return overlay_settings(MODES, mode, settings, SETTING_KEYS)
 
 
 def member_init_seed(seed: int, index: int) -> int:
@@ -277,16 +271,12 @@ def comparisons(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[st
     """The paired differences of ``COMPARISONS`` whose rows ran with the same seeds."""
     out = []
     for row_a, out_a, row_b, out_b in COMPARISONS:
-        if row_a not in runs or row_b not in runs:
-            continue
-        a = {r.get("seed"): outputs_of(r).get(out_a) for r in runs[row_a]}
-        b = {r.get("seed"): outputs_of(r).get(out_b) for r in runs[row_b]}
-        seeds = [s for s in a if s in b and a[s] is not None and b[s] is not None]
-        if not seeds:
-            continue
-        label = f"{_label(row_a, out_a)} − {_label(row_b, out_b)}"
-        diff = paired_difference([a[s] for s in seeds], [b[s] for s in seeds], label)
-        out.append({**diff, "seeds": seeds})
+        if row_a in runs and row_b in runs:
+            a = {r.get("seed"): outputs_of(r).get(out_a) for r in runs[row_a]}
+            b = {r.get("seed"): outputs_of(r).get(out_b) for r in runs[row_b]}
+            label = f"{_label(row_a, out_a)} − {_label(row_b, out_b)}"
+            diff = paired_by_seed(a, b, label)
+            out += [diff] if diff else []
     return out
 
 

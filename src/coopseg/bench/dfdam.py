@@ -40,8 +40,8 @@ from . import runner
 from .coop import LITE0, PLATEAU, SETTING_KEYS
 from .coop import MEMBER as DEEPLAB
 from .coop import MODES as COOP_MODES
-from .recipe import fine_tune_sections
-from .stats import differences_markdown, mean_std, paired_difference
+from .recipe import fine_tune_sections, overlay_settings
+from .stats import differences_markdown, mean_std, paired_by_seed
 
 ROWS: dict[str, dict[str, Any]] = {
     "deeplabv3plus": dict(DEEPLAB),
@@ -68,13 +68,7 @@ LATENCY_SIZE = (320, 640)  # the paper's Table 4/6 input (3x320x640)
 
 def mode_settings(mode: str, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The mode's settings with ``settings`` (None values ignored) laid over them."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    extra = {k: v for k, v in (settings or {}).items() if v is not None and k != "fuse"}
-    unknown = sorted(set(extra) - set(SETTING_KEYS))
-    if unknown:
-        raise ValueError(f"unknown bench setting {unknown[0]!r}; one of {list(SETTING_KEYS)}")
-    return {**MODES[mode], **extra}
+    return overlay_settings(MODES, mode, settings, SETTING_KEYS, ignore=("fuse",))
 
 
 def bench_config(
@@ -179,16 +173,11 @@ def comparisons(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[st
     """Paired per-seed differences of ``COMPARISONS`` (rows present with shared seeds)."""
     out = []
     for a_row, b_row in COMPARISONS:
-        if a_row not in runs or b_row not in runs:
-            continue
-        a = {r.get("seed"): 100 * r["miou"]["out"] for r in runs[a_row]}
-        b = {r.get("seed"): 100 * r["miou"]["out"] for r in runs[b_row]}
-        seeds = [s for s in a if s in b]
-        if seeds:
-            diff = paired_difference(
-                [a[s] for s in seeds], [b[s] for s in seeds], f"{a_row} − {b_row}"
-            )
-            out.append({**diff, "seeds": seeds})
+        if a_row in runs and b_row in runs:
+            a = {r.get("seed"): 100 * r["miou"]["out"] for r in runs[a_row]}
+            b = {r.get("seed"): 100 * r["miou"]["out"] for r in runs[b_row]}
+            diff = paired_by_seed(a, b, f"{a_row} − {b_row}")
+            out += [diff] if diff else []
     return out
 
 

@@ -46,7 +46,8 @@ import torch
 from ..config import Config, config_from_dict
 from . import runner
 from .coop import LITE0
-from .stats import differences_markdown, mean_std, paired_difference
+from .recipe import overlay_settings
+from .stats import differences_markdown, mean_std, paired_by_seed
 
 PLATEAU = 15.0  # % val mIoU under which a segmenter is still on the background plateau
 
@@ -195,15 +196,7 @@ def row_spec(row: str) -> Row:
 
 def mode_settings(mode: str, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The mode's settings with ``settings`` (None values ignored) laid over them."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    extra = {k: v for k, v in (settings or {}).items() if v is not None}
-    unknown = sorted(set(extra) - set(SETTING_KEYS))
-    if unknown:
-        raise ValueError(
-            f"bench jointseg takes no setting {unknown[0]!r}; one of {list(SETTING_KEYS)}"
-        )
-    return {**MODES[mode], **extra}
+    return overlay_settings(MODES, mode, settings, SETTING_KEYS)
 
 
 def bench_config(
@@ -421,15 +414,12 @@ def comparisons(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[st
     """Paired per-seed differences of ``COMPARISONS`` (rows present with shared seeds)."""
     out = []
     for a_row, b_row, metric in COMPARISONS:
-        if a_row not in runs or b_row not in runs:
-            continue
-        a = {r.get("seed"): 100 * r[metric] for r in runs[a_row] if metric in r}
-        b = {r.get("seed"): 100 * r[metric] for r in runs[b_row] if metric in r}
-        seeds = [s for s in a if s in b]
-        if seeds:
+        if a_row in runs and b_row in runs:
+            a = {r.get("seed"): 100 * r[metric] for r in runs[a_row] if metric in r}
+            b = {r.get("seed"): 100 * r[metric] for r in runs[b_row] if metric in r}
             label = f"{a_row} − {b_row}" + (f" ({metric})" if metric != "miou" else "")
-            diff = paired_difference([a[s] for s in seeds], [b[s] for s in seeds], label)
-            out.append({**diff, "seeds": seeds, "metric": metric})
+            diff = paired_by_seed(a, b, label)
+            out += [diff] if diff else []
     return out
 
 

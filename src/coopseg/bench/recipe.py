@@ -3,8 +3,26 @@ bench's budget): only the model section and the seed differ between a bench's ru
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+
+def overlay_settings(
+    modes: Mapping[str, Mapping[str, Any]],
+    mode: str,
+    settings: Mapping[str, Any] | None,
+    keys: Sequence[str],
+    ignore: Sequence[str] = (),
+) -> dict[str, Any]:
+    """A bench mode's settings with ``settings`` laid over them (None values and the
+    ``ignore`` keys skipped); an unknown mode or key is an error naming it."""
+    if mode not in modes:
+        raise ValueError(f"mode must be one of {list(modes)}, got {mode!r}")
+    extra = {k: v for k, v in (settings or {}).items() if v is not None and k not in ignore}
+    unknown = sorted(set(extra) - set(keys))
+    if unknown:
+        raise ValueError(f"unknown bench setting {unknown[0]!r}; one of {list(keys)}")
+    return {**modes[mode], **extra}
 
 
 def fine_tune_sections(s: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

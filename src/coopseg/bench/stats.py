@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 # Two-sided 95 % critical values of Student's t by degrees of freedom (scipy is optional).
@@ -66,6 +66,18 @@ def paired_difference(
         out |= {"sem": sem, "t": t, "t_critical": crit, "distinguishable": abs(t) > crit}
     out["sentence"] = difference_sentence(out)
     return out
+
+
+def paired_by_seed(
+    a: Mapping[Any, float | None], b: Mapping[Any, float | None], label: str
+) -> dict[str, Any] | None:
+    """:func:`paired_difference` over the seeds both ``{seed: value}`` maps hold (None:
+    missing), with ``"seeds"`` added; None when they share no seed."""
+    seeds = [s for s in a if s in b and a[s] is not None and b[s] is not None]
+    if not seeds:
+        return None
+    diff = paired_difference([a[s] for s in seeds], [b[s] for s in seeds], label)
+    return {**diff, "seeds": seeds}
 
 
 def signed(x: float) -> str:
