@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from coopseg.bench import coop, dfdam, runner
+from coopseg.bench import coop, dfdam, jointseg, runner
 from coopseg.bench.stats import mean_std, paired_difference, t_critical
 from coopseg.config import Config, ConfigError
 from coopseg.models import create_model
@@ -381,6 +381,7 @@ def test_cli_passes_the_bench_options(monkeypatch) -> None:
     assert kw["member"] == {"aspp_channels": 32} and kw["overrides"] == ["train.lr=0.002"]
     assert kw["jobs"] == 1 and kw["threads"] == 1 and kw["plateau"] == 15.0
     assert tuple(coop.ROWS) == commands.COOP_ROWS and tuple(dfdam.ROWS) == commands.DFDAM_ROWS
+    assert tuple(jointseg.ROWS) == commands.JOINTSEG_ROWS
     with pytest.raises(SystemExit):
         cli.main(["bench", "coop", "--rows", "nonsense"])
 

@@ -48,6 +48,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "warmup_iterations": args.warmup,
         "frozen_stages": args.frozen_stages,
         "fuse": getattr(args, "fuse", None),
+        "pretrained_lr": getattr(args, "pretrained_lr", None),
     }
 
 
@@ -96,10 +97,7 @@ def cmd_bench_dfdam(args: argparse.Namespace) -> int:
 def cmd_bench_jointseg(args: argparse.Namespace) -> int:
     from .jointseg import run_jointseg_bench
 
-    common = _common(args)
-    common["settings"] = {k: v for k, v in common["settings"].items() if k != "fuse"}
-    common["settings"]["pretrained_lr"] = args.pretrained_lr
-    run_jointseg_bench(args.mode, args.seeds, args.out, args.rows, **common)
+    run_jointseg_bench(args.mode, args.seeds, args.out, args.rows, **_common(args))
     return 0
 
 

@@ -55,7 +55,7 @@ from typing import Any
 from ..config import Config, config_from_dict, parse_overrides
 from . import runner
 from .recipe import fine_tune_sections, overlay_settings
-from .stats import differences_markdown, mean_std, paired_by_seed
+from .stats import cost_columns, differences_markdown, mean_std, paired_by_seed
 
 LITE0, LITE2 = "tf_efficientnet_lite0", "tf_efficientnet_lite2"
 
@@ -253,11 +253,7 @@ def summarise(
             "compared": compared,
             "plateau": bool(low),
             "plateau_runs": [{"seed": s, "output": c} for s, c in low],
-            "params_m": results[0]["params_m"],
-            "gmacs": results[0]["gmacs"],
-            "train_s": mean_std([r["train_s"] for r in results]),
-            "step_s": mean_std([r.get("step_s", math.nan) for r in results]),
-            "seeds": [r.get("seed") for r in results],
+            **cost_columns(results),
             "same_as": results[0].get("same_as"),
         }
     return table

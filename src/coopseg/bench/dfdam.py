@@ -41,7 +41,7 @@ from .coop import LITE0, PLATEAU, SETTING_KEYS
 from .coop import MEMBER as DEEPLAB
 from .coop import MODES as COOP_MODES
 from .recipe import fine_tune_sections, overlay_settings
-from .stats import differences_markdown, mean_std, paired_by_seed
+from .stats import cost_columns, differences_markdown, mean_std, paired_by_seed
 
 ROWS: dict[str, dict[str, Any]] = {
     "deeplabv3plus": dict(DEEPLAB),
@@ -160,11 +160,7 @@ def summarise(
             "miou": mean_std(values),
             "plateau": bool(low),
             "plateau_seeds": low,
-            "params_m": results[0]["params_m"],
-            "gmacs": results[0]["gmacs"],
-            "train_s": mean_std([r["train_s"] for r in results]),
-            "step_s": mean_std([r["step_s"] for r in results]),
-            "seeds": [r.get("seed") for r in results],
+            **cost_columns(results),
         }
     return table
 

@@ -34,8 +34,6 @@ padding, per-image standardisation; colour jitter for the classifier).
 
 from __future__ import annotations
 
-import shutil
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,7 +45,7 @@ from ..config import Config, config_from_dict
 from . import runner
 from .coop import LITE0
 from .recipe import overlay_settings
-from .stats import differences_markdown, mean_std, paired_by_seed
+from .stats import cost_columns, differences_markdown, mean_std, paired_by_seed
 
 PLATEAU = 15.0  # % val mIoU under which a segmenter is still on the background plateau
 
@@ -348,26 +346,15 @@ def train_row(cfg: Config, keep_checkpoints: bool = False) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from ..engine.joint import AGENTS, JointTrainer
-    from ..engine.profile import count_macs, count_params
 
     spec = row_spec(row_of(cfg))
-    shutil.rmtree(cfg.run_dir, ignore_errors=True)  # the bench's own folder: rerunnable
-    model = _model_for(spec, cfg)
     tasks = {"joint": AGENTS, "seg": ("seg",), "cls": ("cls",)}[spec.kind]
-    trainer = JointTrainer(cfg, show_progress=False, model=model, tasks=tasks)
-    start = time.perf_counter()
-    outcome = trainer.train()
-    total_s = time.perf_counter() - start
-    train_s = runner.train_seconds_from_log(cfg.run_dir) or total_s
-    result: dict[str, Any] = {
-        "params_m": count_params(trainer.model) / 1e6,
-        "gmacs": count_macs(trainer.model, tuple(cfg.data.crop_size)) / 1e9,
-        "iterations": trainer.iteration,
-        "train_s": train_s,
-        "total_s": total_s,
-        "step_s": train_s / max(trainer.iteration, 1),
-        "threads": torch.get_num_threads(),
-    }
+
+    def make_trainer() -> JointTrainer:
+        model = _model_for(spec, cfg)  # after the folder is emptied: it may read a file
+        return JointTrainer(cfg, show_progress=False, model=model, tasks=tasks)
+
+    trainer, outcome, result = runner.train_measured(cfg, make_trainer)
     if spec.segments and outcome.last_metrics is not None:
         result["miou"] = outcome.last_metrics.miou
         result["iou"] = list(outcome.last_metrics.iou)
@@ -378,10 +365,7 @@ def train_row(cfg: Config, keep_checkpoints: bool = False) -> dict[str, Any]:
         save_file(
             {k: v.detach().contiguous() for k, v in state.items()}, str(cfg.run_dir / ENCODER_FILE)
         )
-    if not keep_checkpoints:
-        shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)
-    runner.save_result(cfg, result)
-    return result
+    return runner.finish_run(cfg, result, keep_checkpoints)
 
 
 METRICS = ("miou", "top1", "top2", "binary")
@@ -400,11 +384,7 @@ def summarise(
         entry |= {
             "plateau": bool(low),
             "plateau_seeds": low,
-            "params_m": results[0]["params_m"],
-            "gmacs": results[0]["gmacs"],
-            "train_s": mean_std([r["train_s"] for r in results]),
-            "step_s": mean_std([r["step_s"] for r in results]),
-            "seeds": [r.get("seed") for r in results],
+            **cost_columns(results),
         }
         table[row] = entry
     return table

@@ -42,40 +42,56 @@ def train_seconds_from_log(run_dir: Path) -> float | None:
     return ends[-1] - starts[-1]
 
 
-def run_one(cfg: Config, keep_checkpoints: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` from scratch and measure it: each output's val metrics (the final
-    validation; keys as the trainer labels them: ``out``, or ``fused``/member names),
-    parameters, GMACs at the scene size, and the training time."""
+def train_measured(cfg: Config, make_trainer: Callable[[], Any]) -> tuple[Any, Any, dict]:
+    """Empty the run's folder, build the trainer, train it and measure the run:
+    ``(trainer, what train() returned, costs)``; costs are parameters, GMACs at the crop
+    size, iterations, training time (from the log) and total time, time per step, threads."""
     from ..engine.profile import count_macs, count_params
-    from ..engine.train import Trainer
 
     shutil.rmtree(cfg.run_dir, ignore_errors=True)  # the bench's own folder: rerunnable
-    trainer = Trainer(cfg, show_progress=False)
+    trainer = make_trainer()
     start = time.perf_counter()
-    trainer.train()
+    outcome = trainer.train()
     total_s = time.perf_counter() - start
     model = trainer.model
-    size = tuple(cfg.data.crop_size)
-    metrics = trainer.output_metrics
     train_s = train_seconds_from_log(cfg.run_dir) or total_s
-    result = {
-        "miou": {name: m.miou for name, m in metrics.items()},
-        "iou": {name: list(m.iou) for name, m in metrics.items()},
-        "pixel_acc": {name: m.pixel_acc for name, m in metrics.items()},
+    costs = {
         "params_m": count_params(model) / 1e6,
         "trainable_params_m": count_params(model, trainable=True) / 1e6,
-        "gmacs": count_macs(model, size) / 1e9,
+        "gmacs": count_macs(model, tuple(cfg.data.crop_size)) / 1e9,
         "iterations": trainer.iteration,
         "train_s": train_s,
         "total_s": total_s,
         "step_s": train_s / max(trainer.iteration, 1),
         "threads": torch.get_num_threads(),
     }
-    del trainer, model
+    return trainer, outcome, costs
+
+
+def finish_run(cfg: Config, result: dict[str, Any], keep_checkpoints: bool) -> dict[str, Any]:
+    """Drop the run's checkpoints (unless kept) and cache its result; return the result."""
     if not keep_checkpoints:
         shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)
     save_result(cfg, result)
     return result
+
+
+def run_one(cfg: Config, keep_checkpoints: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` from scratch and measure it: each output's val metrics (the final
+    validation; keys as the trainer labels them: ``out``, or ``fused``/member names),
+    parameters, GMACs at the scene size, and the training time."""
+    from ..engine.train import Trainer
+
+    trainer, _, costs = train_measured(cfg, lambda: Trainer(cfg, show_progress=False))
+    metrics = trainer.output_metrics
+    result = {
+        "miou": {name: m.miou for name, m in metrics.items()},
+        "iou": {name: list(m.iou) for name, m in metrics.items()},
+        "pixel_acc": {name: m.pixel_acc for name, m in metrics.items()},
+        **costs,
+    }
+    del trainer
+    return finish_run(cfg, result, keep_checkpoints)
 
 
 def _plain(cfg: Config) -> dict[str, Any]:

@@ -31,6 +31,18 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": std}
 
 
+def cost_columns(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A row's cost columns over its seeds' results: parameters and GMACs (the same every
+    seed), training time and time per step (mean ± std), and the seeds."""
+    return {
+        "params_m": results[0]["params_m"],
+        "gmacs": results[0]["gmacs"],
+        "train_s": mean_std([r["train_s"] for r in results]),
+        "step_s": mean_std([r.get("step_s", math.nan) for r in results]),
+        "seeds": [r.get("seed") for r in results],
+    }
+
+
 def t_critical(df: int) -> float:
     """Two-sided 95 % critical value of Student's t with ``df`` degrees of freedom."""
     if df < 1:
