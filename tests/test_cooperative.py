@@ -135,7 +135,7 @@ def test_multiple_layer_link_reduces_like_concat_then_1x1() -> None:
     weight = torch.cat([agg.project[0].weight, agg.project[1].weight], 1)
     slow = agg.norm(torch.nn.functional.conv2d(torch.cat([a, up], 1), weight))
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
-    model = coop("oneway-multiple", multiple_aggregate="project")
+    model = coop("oneway-multiple")  # the default: exactly twice the receiver's width
     (link,) = model.links
     assert link.target == "bottom.decoder.conv2" and link.reduce == 16
     assert len(link.sources) == len(model.members["top"].tap_info)
@@ -143,7 +143,7 @@ def test_multiple_layer_link_reduces_like_concat_then_1x1() -> None:
 
 
 def test_multiple_layer_link_sends_backbone_stages_by_plain_concatenation(image) -> None:
-    model = coop("oneway-multiple")  # default: multiple_aggregate=concat
+    model = coop("oneway-multiple", multiple_aggregate="concat")
     (link,) = model.links
     top = model.members["top"]
     stages = [t for t in top.tap_info if t.startswith("backbone.")]
@@ -298,3 +298,49 @@ def test_cooperative_checkpoint_predicts_the_reported_output(tmp_path, make_conf
     with torch.no_grad():
         expected = model.eval()(x)["out"].argmax(1)[0].numpy()
     assert mask.shape == (40, 56) and np.array_equal(mask, expected)
+
+
+def _seeded(index: int, **keys) -> dict:
+    return {**MEMBER, "separable": True, "init_seed": 10 + index, **keys}
+
+
+@pytest.mark.parametrize("preset", ["cross", "oneway-multiple"])
+def test_zero_link_init_starts_a_linked_pair_exactly_as_its_ensemble(preset, image) -> None:
+    """With ``link_init: zero`` each member computes at step 0 exactly what it computes
+    alone (the ensemble's member of the same init seed); the received channels' weights
+    start at zero and learn from the first step."""
+    members = [_seeded(0), _seeded(1, aspp_channels=8)]  # two different networks
+    linked = create_model(
+        "cooperative", members=members, preset=preset, num_classes=3, link_init="zero"
+    ).eval()
+    ensemble = create_model("cooperative", members=members, preset="ensemble", num_classes=3)
+    ensemble.eval()
+    random = create_model("cooperative", members=members, preset=preset, num_classes=3).eval()
+    with torch.no_grad():
+        got, want, other = linked(image[:1]), ensemble(image[:1]), random(image[:1])
+    for name in ("top", "bottom", "fused"):
+        torch.testing.assert_close(got[f"{name}.out"], want[f"{name}.out"], rtol=1e-4, atol=1e-4)
+    assert (other["bottom.out"] - want["bottom.out"]).abs().max() > 1e-2  # random: not so
+    bottom = linked.members["bottom"]
+    # the layer after the deepest receiving tap: the pointwise conv of decoder.conv2
+    # (same-layer links), or the classifier (the multiple-layer link)
+    conv = bottom.classifier if preset == "oneway-multiple" else bottom.decoder.conv2[3]
+    assert conv.weight.shape[1] == 32
+    assert conv.weight[:, 16:].abs().sum() == 0 and conv.weight[:, :16].abs().sum() > 0
+    linked.train()
+    out = linked(image)  # two images: train-mode BN needs more than one value a channel
+    sum(v.float().mean() for k, v in out.items() if k.endswith(".out")).backward()
+    assert conv.weight.grad[:, 16:].abs().sum() > 0  # the zeros learn
+
+
+def test_zero_link_init_is_refused_where_it_cannot_hold() -> None:
+    with pytest.raises(ValueError, match=r"members\[1\].init_seed"):
+        create_model(
+            "cooperative",
+            members=[_seeded(0), MEMBER],
+            preset="cross",
+            num_classes=3,
+            link_init="zero",
+        )
+    with pytest.raises(ValueError, match="model.link_init: unknown"):
+        create_model("cooperative", members=[MEMBER] * 2, preset="cross", link_init="ones")

@@ -12,7 +12,7 @@ from torch import nn
 
 from coopseg import create_model
 from coopseg.models import PretrainedWeightsError, run_taps
-from coopseg.models.deeplabv3plus import aspp_rates
+from coopseg.models.deeplabv3plus import atrous_rates
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -74,13 +74,26 @@ def test_depthwise_init_uses_the_depthwise_fan_out() -> None:
 
 
 def test_aspp_rates_follow_output_stride() -> None:
-    assert aspp_rates(16) == (6, 12, 18)
-    assert aspp_rates(8) == (12, 24, 36)
+    assert atrous_rates(16) == (6, 12, 18)
+    assert atrous_rates(8) == (12, 24, 36)
     model = create_model("deeplabv3plus", backbone="resnet18", num_classes=3, output_stride=8)
     dilations = [b[0].dilation[0] for b in list(model.aspp.branches)[1:4]]
     assert dilations == [12, 24, 36]
     with pytest.raises(ValueError, match="output_stride"):
-        aspp_rates(4)
+        atrous_rates(4)
+
+
+def test_aspp_rates_option_sets_the_atrous_branches() -> None:
+    """A miniature's 8x8 map needs small rates: with (1, 2, 3) every branch is a real
+    3x3 atrous conv (an off-centre tap of the map's centre lands inside the map)."""
+    model = create_model(
+        "deeplabv3plus", backbone="resnet18", num_classes=3, separable=True, aspp_rates=[1, 2, 3]
+    )
+    assert [b[0].dilation[0] for b in list(model.aspp.branches)[1:4]] == [1, 2, 3]
+    assert model.aspp_rates == (1, 2, 3)
+    for bad in ([1, 2], [0, 1, 2], [1.5, 2, 3]):
+        with pytest.raises(ValueError, match="model.aspp_rates"):
+            create_model("deeplabv3plus", backbone="resnet18", num_classes=3, aspp_rates=bad)
 
 
 @pytest.mark.parametrize("output_stride", [8, 16, 32])

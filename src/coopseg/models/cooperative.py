@@ -19,15 +19,21 @@ Decisions where the papers are silent (docs/cooperative.md lists each reading):
   the path so the sender learns only from its own loss.
 * Which layers the presets link is declared per architecture (``TapInfo.role``); the
   one-way and cross presets link the same layer set and differ only in direction.
-* Multiple-layer links aggregate by resizing and concatenating the senders' maps
-  (``multiple_aggregate="concat"``, the literal reading). ``"project"`` adds a 1x1
-  conv + BN + ReLU to the receiving tap's own width, so the receiver is exactly twice
-  as wide, as §3.1 says of its links; it is computed as per-sender 1x1 convs at each
-  sender's own resolution, resized and summed (equal to concat-then-1x1, because
-  resizing and a 1x1 conv commute, and much cheaper when deep maps are upsampled).
+* Multiple-layer links aggregate the senders' maps with a 1x1 conv + BN + ReLU to the
+  receiving tap's own width (``multiple_aggregate="project"``, the default), so the
+  receiver is exactly twice as wide, as §3.1 says of its links ("two time larger");
+  it is computed as per-sender 1x1 convs at each sender's own resolution, resized and
+  summed (equal to concat-then-1x1, because resizing and a 1x1 conv commute, and much
+  cheaper when deep maps are upsampled). ``"concat"`` resizes and concatenates them
+  as they are (DeepLabv3+ on lite0: 1,072 received channels beside the receiver's 64).
 * A member section may carry ``init_seed``: the member is then built under its own
   seed and starts like a single network of that seed wherever its shapes allow
   (:func:`build_member`); without it, members draw from the global RNG in turn.
+* ``link_init="zero"`` (with every member's ``init_seed``): each layer a link widens
+  starts as the same layer of the member alone, with zero weights on the received
+  channels, so a linked pair computes exactly what its ensemble computes at step 0 and a
+  paired comparison measures what the links learn, not the widened layers' draw
+  (:func:`start_links_at_zero`). Default ``"random"``: widened layers keep their own init.
 * Taps carry a stream ``group`` (DANet: ``position``/``channel``); a link never joins
   taps of two different groups.
 """
@@ -44,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .taps import TapInfo, TapStream
+from .taps import TapInfo, TapStream, run_taps
 
 PRESETS = (
     "single",
@@ -56,6 +62,7 @@ PRESETS = (
     "custom",
 )
 LINK_KEYS = ("from", "to", "detach", "reduce")
+LINK_INITS = ("random", "zero")
 MULTIPLE_AGGREGATES = ("concat", "project")
 # How the members' outputs are fused: the mean of their softmax probabilities, or the
 # cross paper's ensemble rule, "adding the final output[s] of two networks" (logits).
@@ -108,7 +115,7 @@ def preset_links(
     *,
     connection1: bool = True,
     connection2: bool = True,
-    multiple_aggregate: str = "concat",
+    multiple_aggregate: str = "project",
 ) -> list[Link]:
     """The link list a preset stands for, given each member's taps (in execution order).
 
@@ -222,7 +229,10 @@ def check_init_seed(seed: Any, index: int) -> int | None:
 
 
 def build_member(
-    spec: Mapping[str, Any], extra: Mapping[str, int], init_seed: int | None = None
+    spec: Mapping[str, Any],
+    extra: Mapping[str, int],
+    init_seed: int | None = None,
+    link_init: str = "random",
 ) -> nn.Module:
     """One member, its tap consumers widened by ``extra``.
 
@@ -245,11 +255,104 @@ def build_member(
         member = create_model(arch, **kwargs, extra_channels=extra or None)
         if extra:
             torch.manual_seed(init_seed)
-            alone = create_model(arch, **kwargs).state_dict()
-            own = member.state_dict()
-            same = {k: v for k, v in alone.items() if k in own and own[k].shape == v.shape}
+            alone = create_model(arch, **kwargs)
+            own, reference = member.state_dict(), alone.state_dict()
+            same = {k: v for k, v in reference.items() if k in own and own[k].shape == v.shape}
             member.load_state_dict(same, strict=False)
+            if link_init == "zero":
+                start_links_at_zero(member, alone, extra)
     return member
+
+
+def _received_channels(member: nn.Module, extra: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """For each module that takes a link's channels: a mask of its input channels that
+    come from a link. Found by running the member alone with NaN in one received map at
+    a time (zeros in the others, NaN cleared at every tap): the layers between that tap
+    and the next whose inputs hold NaN in some channels but not all consume the link."""
+    masks: dict[str, torch.Tensor] = {}
+
+    def record(name: str, x: Any) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return
+        nan = torch.isnan(x).any(dim=(0, 2, 3))
+        if 0 < int(nan.sum()) < nan.numel():
+            masks[name] = masks[name] | nan if name in masks else nan
+
+    was_training = member.training
+    member.eval()  # BN on running statistics: per channel, and nothing updated
+    try:
+        for probe in extra:
+            hooks = [
+                module.register_forward_pre_hook(lambda _m, args, n=name: record(n, args[0]))
+                for name, module in member.named_modules()
+                if any(True for _ in module.parameters(recurse=False))
+            ]
+
+            def fill(tap: str, fmap: torch.Tensor, probe: str = probe) -> torch.Tensor:
+                fmap = torch.nan_to_num(fmap, nan=0.0)  # NaN stops at the next tap
+                if tap not in extra:
+                    return fmap
+                value = math.nan if tap == probe else 0.0
+                shape = (fmap.shape[0], extra[tap], *fmap.shape[2:])
+                return torch.cat([fmap, fmap.new_full(shape, value)], 1)
+
+            try:
+                with torch.no_grad():
+                    run_taps(member.forward_taps(torch.zeros(1, 3, 64, 64)), fill)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+    finally:
+        member.train(was_training)
+    return masks
+
+
+def start_links_at_zero(member: nn.Module, alone: nn.Module, extra: Mapping[str, int]) -> None:
+    """Make ``member`` (widened by ``extra``) compute what ``alone`` computes while its
+    links carry anything: every widened tensor takes ``alone``'s values on the member's
+    own channels; a weight that mixes received channels into the member's own gets zeros
+    there (it then learns from the first step, as its input is not zero), and per-channel
+    parameters of received channels (a depthwise filter, BN) keep their own init.
+
+    An architecture that mixes received channels before its last widened layer (DANet's
+    attention over the concatenation) cannot start so; it is refused with the layer named.
+    """
+    masks = _received_channels(member, extra)
+    reference = dict(alone.named_modules())
+    for name, module in member.named_modules():
+        if name not in reference:
+            continue
+        base = reference[name]
+        tensors = dict(base.named_parameters(recurse=False)) | dict(
+            base.named_buffers(recurse=False)
+        )
+        for key, value in [
+            *module.named_parameters(recurse=False),
+            *module.named_buffers(recurse=False),
+        ]:
+            ref = tensors.get(key)
+            if ref is None or ref.shape == value.shape:
+                continue
+            recv = masks.get(name)
+            dims = [d for d in range(value.dim()) if value.shape[d] != ref.shape[d]]
+            if (
+                recv is None
+                or len(dims) != 1
+                or value.shape[dims[0]] != recv.numel()
+                or int((~recv).sum()) != ref.shape[dims[0]]
+            ):
+                raise ValueError(
+                    f"model.link_init: 'zero' cannot start layer {name!r} of this member as "
+                    "the member alone (it mixes received channels before this layer); use "
+                    "link_init: random"
+                )
+            own, received = (~recv).nonzero().flatten(), recv.nonzero().flatten()
+            with torch.no_grad():
+                if dims == [1]:  # mixes channels into the member's own: received ones at 0
+                    value[:, own] = ref
+                    value[:, received] = 0
+                else:  # per channel (depthwise filter, BN): own copied, received kept
+                    value[own] = ref
 
 
 def _resize(fmap: torch.Tensor, size: torch.Size) -> torch.Tensor:
@@ -285,9 +388,10 @@ class CooperativeNet(nn.Module):
         connection1: bool = True,
         connection2: bool = True,
         detach: bool = False,
-        multiple_aggregate: str = "concat",
+        multiple_aggregate: str = "project",
         fuse: str = "mean_prob",
         report: str = "auto",
+        link_init: str = "random",
     ) -> None:
         super().__init__()
         from . import create_model  # the same table single models come from
@@ -316,6 +420,15 @@ class CooperativeNet(nn.Module):
             raise ValueError(f"model.members: {FUSED!r} and 'out' are reserved output names")
         if fuse not in FUSE_RULES:
             raise ValueError(f"model.fuse: unknown rule {fuse!r}; one of {list(FUSE_RULES)}")
+        if link_init not in LINK_INITS:
+            raise ValueError(f"model.link_init: unknown {link_init!r}; one of {list(LINK_INITS)}")
+        if link_init == "zero" and None in init_seeds:
+            missing = init_seeds.index(None)
+            raise ValueError(
+                f"model.link_init: 'zero' starts each member as the member alone, which needs "
+                f"model.members[{missing}].init_seed"
+            )
+        self.link_init = link_init
         self.fuse = fuse
         self.preset = preset
         self.member_specs = dict(zip(names, specs, strict=True))  # as given, before widening
@@ -356,7 +469,7 @@ class CooperativeNet(nn.Module):
 
         self.members = nn.ModuleDict(
             {
-                name: build_member(spec, extra[name], seed)
+                name: build_member(spec, extra[name], seed, link_init)
                 for name, spec, seed in zip(names, specs, init_seeds, strict=True)
             }
         )

@@ -2,7 +2,10 @@
 
 ASPP = 1x1 conv + three 3x3 atrous convs + image pooling, 256 channels each with
 BN+ReLU, concatenated and projected to 256 (dropout 0.1, the official keep-prob 0.9);
-atrous rates (6, 12, 18) at output stride 16, scaled by 16/OS. Decoder: the stride-4
+atrous rates (6, 12, 18) at output stride 16, scaled by 16/OS, or ``aspp_rates``: the
+reference rates are sized for a 33x33 map (513 px at OS 16); on a small map they put
+every off-centre tap in the zero padding (at 2x2 each atrous branch is a 1x1 conv), so a
+miniature gives rates scaled to its map. Decoder: the stride-4
 backbone map projected to 48 channels, concatenated with the upsampled ASPP output,
 two 3x3 convs of 256, then a 1x1 classifier.
 
@@ -29,7 +32,7 @@ network's own and the received channels.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,10 +83,18 @@ class ImagePooling(nn.Module):
         return y.expand(-1, -1, x.shape[-2], x.shape[-1])
 
 
-def aspp_rates(output_stride: int) -> tuple[int, int, int]:
-    """Atrous rates: (6, 12, 18) at output stride 16, doubled at 8, halved at 32."""
+def atrous_rates(output_stride: int, rates: Sequence[int] | None = None) -> tuple[int, int, int]:
+    """Atrous rates: ``rates`` if given (three positive integers), else (6, 12, 18) at
+    output stride 16, doubled at 8, halved at 32."""
     if output_stride not in (8, 16, 32):
         raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    if rates is not None:
+        given = list(rates)
+        if len(given) != 3 or not all(
+            isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in given
+        ):
+            raise ValueError(f"model.aspp_rates: expected three positive integers, got {rates!r}")
+        return tuple(given)  # type: ignore[return-value]
     scale = 16 / output_stride
     return tuple(int(r * scale) for r in (6, 12, 18))  # type: ignore[return-value]
 
@@ -143,10 +154,12 @@ class DeepLabV3Plus(TappedNetwork):
         low_level_channels: int = 48,
         dropout: float = 0.1,
         separable: bool = False,
+        aspp_rates: Sequence[int] | None = None,
         extra_channels: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.separable = separable
+        self.aspp_rates = atrous_rates(output_stride, aspp_rates)
         self.backbone = create_backbone(
             backbone, output_stride=output_stride, pretrained=pretrained
         )
@@ -175,7 +188,7 @@ class DeepLabV3Plus(TappedNetwork):
 
         self.aspp = ASPP(
             high_ch + extra.get("backbone", 0),
-            aspp_rates(output_stride),
+            self.aspp_rates,
             aspp_channels,
             tuple(extra.get(f"aspp.b{i}", 0) for i in range(5)),
             dropout,
