@@ -55,51 +55,61 @@ def test_paired_difference_on_hand_made_numbers() -> None:
 
 def test_coop_rows_have_equal_budgets_and_their_own_model_keys() -> None:
     configs = {row: coop.bench_config(row, 1) for row in coop.ROWS}
-    single = configs["single"]
+    base = configs["ensemble"]
     for row, cfg in configs.items():
-        assert cfg.train == single.train and cfg.data == single.data, row  # equal budgets
+        assert cfg.train == base.train and cfg.data == base.data, row  # equal budgets
         assert cfg.seed == 1 and cfg.name == f"{row}-seed1"
         members = cfg.model["members"]
-        assert len(members) == (1 if row == "single" else 2)
-        assert [m["init_seed"] for m in members] == [1000, 1001][: len(members)]
-        assert all(m["pretrained"] is True and m["output_stride"] == 32 for m in members)
-    assert single.train.iterations == coop.MODES["quick"]["iterations"]
-    assert single.train.val_interval == 0  # validation only at the end
-    assert single.train.frozen_stages == coop.MODES["quick"]["frozen_stages"]
+        assert len(members) == 2 and cfg.model["link_init"] == "zero"
+        assert [m["init_seed"] for m in members] == [1000, 1001]
+        for m in members:  # the papers' separable DeepLabv3+, ASPP on an 8x8 map
+            assert m["pretrained"] is True and m["separable"] is True
+            assert m["output_stride"] == 16 and m["aspp_rates"] == [1, 2, 3]
+    quick = coop.MODES["quick"]
+    assert base.data.scene_size == 128 and base.data.scene_size // 16 == 8
+    assert base.train.iterations == quick["iterations"]
+    assert base.train.val_interval == quick["val_interval"] > 0  # best checkpoint is scored
+    assert base.train.frozen_stages == quick["frozen_stages"]
+    assert coop.MODES["register"]["val_scenes"] == 500
     assert configs["cross-detach"].model["preset"] == "cross"
     assert configs["cross-detach"].model["detach"] is True
     assert "detach" not in configs["cross"].model
-    no_extra = configs["cross-no-extra"].model
-    assert no_extra["preset"] == "cross"
-    assert no_extra["connection1"] is False and no_extra["connection2"] is False
-    two = [m["backbone"] for m in configs["cross-lite0-lite2"].model["members"]]
-    assert two == ["tf_efficientnet_lite0", "tf_efficientnet_lite2"]
-    same = [m["backbone"] for m in configs["cross"].model["members"]]
-    assert same == ["tf_efficientnet_lite0", "tf_efficientnet_lite0"]
+    for row in ("cross-no-extra", "oneway", "oneway-same", "oneway-multiple"):
+        model = configs[row].model
+        assert model["connection1"] is False and model["connection2"] is False, row
+    assert "connection1" not in configs["cross"].model
+    lite0, lite2 = "tf_efficientnet_lite0", "tf_efficientnet_lite2"
+    for row in ("ensemble", "cross", "cross-no-extra", "oneway", "cross-detach"):
+        assert [m["backbone"] for m in configs[row].model["members"]] == [lite0, lite2], row
+    for row in ("ensemble-same", "oneway-same", "oneway-multiple", "cross-same"):
+        assert [m["backbone"] for m in configs[row].model["members"]] == [lite0, lite0], row
     assert configs["ensemble"].model["fuse"] == "sum_logits"  # the cross paper's ensemble
 
     # Overrides reach every row alike.
-    a = coop.bench_config("single", 0, settings={"iterations": 5, "scene_size": 32})
+    a = coop.bench_config("ensemble", 0, settings={"iterations": 5, "scene_size": 32})
     b = coop.bench_config("cross", 0, settings={"iterations": 5, "scene_size": 32})
     assert a.train == b.train and a.train.iterations == 5 and b.data.crop_size == [32, 32]
     c = coop.bench_config("cross", 0, member={"aspp_channels": 32}, overrides=["train.lr=0.01"])
     assert all(m["aspp_channels"] == 32 for m in c.model["members"]) and c.train.lr == 0.01
     with pytest.raises(ValueError, match="unknown bench setting"):
-        coop.bench_config("single", 0, settings={"iterationz": 5})
+        coop.bench_config("ensemble", 0, settings={"iterationz": 5})
     with pytest.raises(ConfigError, match="init_seed"):
-        coop.bench_config("single", 0, member={"init_seed": -1})
+        coop.bench_config("ensemble", 0, member={"init_seed": -1})
 
 
 def test_a_member_starts_like_the_single_network_of_its_seed() -> None:
     def build(row: str) -> torch.nn.Module:
-        cfg = coop.bench_config(row, 2)
+        cfg = coop.bench_config(row, 2, member={"pretrained": False})
         kwargs = {k: v for k, v in cfg.model.items() if k != "arch"}
         torch.manual_seed(99)  # the global RNG must not matter
         return create_model("cooperative", **kwargs)
 
-    single = build("single").members["top"].state_dict()
-    state = torch.get_rng_state()
+    spec = coop.bench_config("ensemble", 2, member={"pretrained": False}).model["members"][0]
+    torch.manual_seed(spec["init_seed"])
+    alone = {k: v for k, v in spec.items() if k not in ("arch", "name", "init_seed")}
+    single = create_model("deeplabv3plus", **alone, num_classes=11).state_dict()
     ensemble, cross = build("ensemble"), build("cross")
+    state = torch.get_rng_state()
     for name, model in (("ensemble", ensemble), ("cross", cross)):
         top = model.members["top"].state_dict()
         shared = [k for k in single if top[k].shape == single[k].shape]
@@ -108,8 +118,7 @@ def test_a_member_starts_like_the_single_network_of_its_seed() -> None:
             assert len(shared) == len(single)  # no link: identical from end to end
     widened = [k for k in single if cross.members["top"].state_dict()[k].shape != single[k].shape]
     assert "classifier.weight" in widened and "decoder.reduce.0.weight" not in widened
-    bottom = ensemble.members["bottom"].state_dict()  # the partner has its own init
-    assert not torch.equal(bottom["classifier.weight"], single["classifier.weight"])
+    assert "decoder.conv2.3.weight" in widened  # the pointwise conv after a link
     # The members' seeds leave the global RNG alone.
     torch.manual_seed(99)
     assert torch.equal(torch.get_rng_state(), state)
@@ -118,16 +127,15 @@ def test_a_member_starts_like_the_single_network_of_its_seed() -> None:
 # -- coop: reports, with training faked ----------------------------------------------
 
 FAKE_MIOU = {  # (row, output) -> val mIoU % at seed 0; each seed adds 1 point
-    ("single", "out"): 30.0,
     ("ensemble", "fused"): 32.0,
     ("ensemble", "top"): 30.0,
     ("ensemble", "bottom"): 30.5,
     ("cross", "top"): 34.0,
     ("cross", "bottom"): 33.0,
     ("cross", "fused"): 34.5,
-    ("oneway-same", "top"): 29.0,
-    ("oneway-same", "bottom"): 10.0,  # this row never left the plateau
-    ("oneway-same", "fused"): 25.0,
+    ("oneway", "top"): 29.0,
+    ("oneway", "bottom"): 10.0,  # this row never left the plateau
+    ("oneway", "fused"): 25.0,
 }
 
 
@@ -142,8 +150,13 @@ def fake_run(calls: list[str]):
             if r == row
         }
         members = len(cfg.model.get("members", [None]))
+        scores = {
+            ("top" if k == "out" else k): {"final": 100 * v - 0.5, "best": 100 * v}
+            for k, v in miou.items()
+        }
         return {
             "miou": miou,
+            "scores": scores,
             "params_m": 3.68 * members,
             "gmacs": 0.06 * members,
             "train_s": 100.0 * members + cfg.seed,
@@ -156,44 +169,42 @@ def fake_run(calls: list[str]):
 def test_coop_bench_writes_markdown_json_and_chart(tmp_path: Path, monkeypatch) -> None:
     calls: list[str] = []
     monkeypatch.setattr(runner, "run_one", fake_run(calls))
-    rows = ("single", "ensemble", "cross-no-paths", "oneway-same", "cross")
+    rows = ("ensemble", "cross-no-paths", "oneway", "cross")
     report = coop.run_coop_bench(seeds=(0, 1, 2), rows=rows, out_dir=tmp_path, jobs=1)
 
     assert not any(c.startswith("cross-no-paths") for c in calls)  # reuses the ensemble's
-    assert len(calls) == 4 * 3
+    assert len(calls) == 3 * 3
     table = report["table"]
     assert list(table) == list(rows)
-    assert table["single"]["miou"]["top"]["mean"] == pytest.approx(30.5)  # 30, 31, 30.5
+    assert table["ensemble"]["miou"]["top"]["mean"] == pytest.approx(30.5)  # 30, 31, 30.5
     assert table["cross"]["compared"] == ["top", "bottom"]
-    assert table["ensemble"]["compared"] == ["fused"]
-    assert table["oneway-same"]["compared"] == ["bottom"]
+    assert table["ensemble"]["compared"] == ["fused", "top", "bottom"]
+    assert table["oneway"]["compared"] == ["bottom"]
     assert table["cross-no-paths"]["same_as"] == "ensemble"
     assert table["cross-no-paths"]["miou"] == table["ensemble"]["miou"]
-    assert table["oneway-same"]["plateau"] and not table["cross"]["plateau"]
+    assert table["oneway"]["plateau"] and not table["cross"]["plateau"]
 
     diffs = {d["label"]: d for d in report["comparisons"]}
-    cross_single = diffs["cross top − single"]
+    cross_single = diffs["cross top − ensemble top"]  # the ensemble's top is the single net
     assert cross_single["diffs"] == pytest.approx([4.0, 4.3, 4.6])
     assert cross_single["distinguishable"] is True
-    assert diffs["ensemble fused − single"]["diffs"] == pytest.approx([2.0, 2.0, 2.0])
     assert diffs["cross bottom − ensemble fused"]["mean"] == pytest.approx(1.3)
-    assert diffs["oneway-same bottom − single"]["mean"] == pytest.approx(-20.0)
-    assert "cross top − cross-detach top" not in diffs  # that row did not run
+    assert diffs["cross bottom − oneway bottom"]["mean"] == pytest.approx(23.3)
+    assert "cross top − cross-no-extra top" not in diffs  # that row did not run
 
     text = (tmp_path / "coop.md").read_text()
-    assert "| cross | lite0 + lite0 | **34.8 ± 0.7** | **33.8 ± 0.7** | 35.3 ± 0.7 |" in text
-    assert "| single | lite0 | **30.5 ± 0.5** | — | — |" in text
+    assert "| cross | lite0 + lite2 | **34.8 ± 0.7** | **33.8 ± 0.7** | 35.3 ± 0.7 |" in text
     assert "= ensemble" in text  # cross-no-paths' runs are the ensemble's
     assert "**on the plateau** (< 15 %: seed 0 bottom, seed 1 bottom, seed 2 bottom)" in text
-    assert "**Rows on the plateau**" in text and "oneway-same" in text
-    assert "800 iterations, batch 8 per member" in text  # the budget, stated
-    assert "cross top − single: +4.3 ± 0.3 points over 3 seeds" in text
+    assert "**Rows on the plateau**" in text and "oneway" in text
+    assert "150 iterations, batch 8 per member" in text  # the budget, stated
+    assert "cross top − ensemble top: +4.3 ± 0.3 points over 3 seeds" in text
     assert "distinguishable from seed noise, cross top is higher" in text
     assert "![val mIoU per row and output](coop.png)" in text
     saved = json.loads((tmp_path / "coop.json").read_text())
     assert saved["table"]["cross"]["miou"]["top"]["mean"] == pytest.approx(34.8)
     assert [r["seed"] for r in saved["runs"]["cross"]] == [0, 1, 2]
-    assert saved["settings"]["iterations"] == 800 and saved["rows"]["cross"]["preset"] == "cross"
+    assert saved["settings"]["iterations"] == 150 and saved["rows"]["cross"]["preset"] == "cross"
     assert (tmp_path / "coop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -201,13 +212,13 @@ def test_stop_on_plateau_ends_after_the_first_seed(tmp_path: Path, monkeypatch) 
     calls: list[str] = []
     monkeypatch.setattr(runner, "run_one", fake_run(calls))
     report = coop.run_coop_bench(
-        seeds=(0, 1), rows=("single", "oneway-same"), out_dir=tmp_path, stop_on_plateau=True
+        seeds=(0, 1), rows=("ensemble", "oneway"), out_dir=tmp_path, stop_on_plateau=True
     )
-    assert sorted(calls) == ["oneway-same-seed0", "single-seed0"] and report["seeds"] == [0]
+    assert sorted(calls) == ["ensemble-seed0", "oneway-seed0"] and report["seeds"] == [0]
     assert "Every row learned" not in (tmp_path / "coop.md").read_text()
-    one = {"single": [{"miou": {"out": 0.3}, "params_m": 1, "gmacs": 1, "train_s": 1, "seed": 0}]}
-    assert coop.summarise(one)["single"]["plateau"] is False  # 30 % >= 15 %
-    assert coop.summarise(one, plateau=35.0)["single"]["plateau"] is True
+    one = {"cross": [{"miou": {"top": 0.3}, "params_m": 1, "gmacs": 1, "train_s": 1, "seed": 0}]}
+    assert coop.summarise(one)["cross"]["plateau"] is False  # 30 % >= 15 %
+    assert coop.summarise(one, plateau=35.0)["cross"]["plateau"] is True
 
 
 # -- a real run: trainer integration, caching -----------------------------------------
@@ -216,19 +227,28 @@ def test_stop_on_plateau_ends_after_the_first_seed(tmp_path: Path, monkeypatch) 
 def test_real_tiny_runs_are_measured_and_then_reused(
     tiny_scenes: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    settings = {"iterations": 2, "scene_size": 64, "train_scenes": 48, "val_scenes": 16}
+    settings = {
+        "iterations": 2,
+        "scene_size": 64,
+        "train_scenes": 48,
+        "val_scenes": 16,
+        "val_interval": 1,
+    }
+    small = {"aspp_channels": 16, "decoder_channels": 16, "low_level_channels": 8}
     kwargs = {
         "seeds": (0,),
-        "rows": ("single", "oneway-same"),
+        "rows": ("ensemble", "oneway-same"),
         "out_dir": tmp_path,
         "settings": settings,
-        "member": {"aspp_channels": 16, "decoder_channels": 16, "low_level_channels": 8},
+        "member": {**small, "backbone": "resnet18", "pretrained": False},
         "overrides": [f"data.root={tiny_scenes}", "device=cpu"],
     }
     report = coop.run_coop_bench(**kwargs)
-    single, pair = report["runs"]["single"][0], report["runs"]["oneway-same"][0]
-    assert set(single["miou"]) == {"out"} and set(pair["miou"]) == {"fused", "top", "bottom"}
-    assert report["table"]["single"]["miou"]["top"]["mean"] >= 0
+    single, pair = report["runs"]["ensemble"][0], report["runs"]["oneway-same"][0]
+    assert set(pair["miou"]) == {"fused", "top", "bottom"}
+    for name, score in pair["scores"].items():  # two validation passes: best and final
+        assert score["best"] >= score["final"] and score["best_iteration"] in (1, 2), name
+        assert score["final"] == pytest.approx(100 * pair["miou"][name])
     assert pair["iterations"] == 2 and 0 < pair["train_s"] <= pair["total_s"]
     assert pair["gmacs"] > single["gmacs"] > 0 and pair["params_m"] > single["params_m"]
     run_dir = tmp_path / "runs" / "oneway-same-seed0"
@@ -251,13 +271,14 @@ def test_real_tiny_runs_are_measured_and_then_reused(
 def test_dfdam_rows_share_the_recipe_and_differ_in_fusion() -> None:
     configs = {row: dfdam.bench_config(row, 0) for row in dfdam.ROWS}
     base = configs["deeplabv3plus"]
-    assert base.model["arch"] == "deeplabv3plus" and base.model["output_stride"] == 32
+    assert base.model["arch"] == "deeplabv3plus" and base.model["output_stride"] == 16
+    assert base.model["aspp_rates"] == [1, 2, 3] and "output_stride" not in configs["dafm"].model
     for row, cfg in configs.items():
         assert cfg.train == base.train and cfg.data == base.data, row
         assert cfg.model["backbone"] == "tf_efficientnet_lite0" and cfg.model["pretrained"]
         if row != "deeplabv3plus":
             assert cfg.model["arch"] == "dfdam" and cfg.model["fusion"] == row
-    assert base.train == coop.bench_config("single", 0).train  # one recipe for both benches
+    assert base.train == coop.bench_config("ensemble", 0).train  # one recipe for both benches
     roles = dfdam.stage_roles()
     assert roles == {
         "layer1": {"module": "blocks.1", "stride": 4, "channels": 24},
@@ -353,7 +374,7 @@ def test_cli_passes_the_bench_options(monkeypatch) -> None:
         "bench",
         "coop",
         "--rows",
-        "single",
+        "ensemble",
         "cross",
         "--iterations",
         "500",
@@ -374,7 +395,7 @@ def test_cli_passes_the_bench_options(monkeypatch) -> None:
         "3",
     ]
     assert cli.main(argv) == 0
-    assert seen["args"] == ("quick", [0, 1, 2, 3], ["single", "cross"], "runs/bench-coop")
+    assert seen["args"] == ("quick", [0, 1, 2, 3], ["ensemble", "cross"], "runs/bench-coop")
     kw = seen["kw"]
     assert kw["settings"]["iterations"] == 500 and kw["settings"]["scene_size"] == 96
     assert kw["settings"]["frozen_stages"] == 1 and kw["settings"]["lr"] is None

@@ -10,16 +10,19 @@ import argparse
 from typing import Any
 
 COOP_ROWS = (
-    "single",
     "ensemble",
-    "oneway-same",
-    "oneway-multiple",
     "cross",
     "cross-no-extra",
+    "oneway",
     "cross-no-paths",
     "cross-detach",
-    "cross-lite0-lite2",
+    "ensemble-same",
+    "oneway-same",
+    "oneway-multiple",
+    "cross-same",
 )  # bench.coop.ROWS, listed here so --help needs no torch import
+PAPERS = ("cross", "feature-sharing", "dfdam", "jointseg", "ours")  # bench.claims.PAPERS
+REGISTER_SEEDS = 6  # the register's default seed count (sized in docs/cooperative.md)
 DFDAM_ROWS = ("deeplabv3plus", "sum", "dafm", "dafm+2dpam")
 JOINTSEG_ROWS = (
     "jointseg",
@@ -101,6 +104,44 @@ def cmd_bench_jointseg(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_register(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .claims import STORE, run_register, select, write
+    from .report import machine
+
+    claims = select(args.papers)
+    out = Path(args.out)
+    store = Path(args.store) if args.store else (STORE if args.mode == "register" else out)
+    default_claims = (
+        Path("benchmarks/results/claims.json") if args.mode == "register" else (out / "claims.json")
+    )
+
+    def show(cfg, result, reused) -> None:
+        scores = ", ".join(f"{k} {v['best']:.1f}" for k, v in result.get("scores", {}).items())
+        how = "stored" if reused else f"{result.get('train_s', 0):.0f} s"
+        print(f"[bench register] {cfg.name}: best {scores} ({how})", flush=True)
+
+    results = run_register(
+        claims,
+        args.seeds,
+        args.mode,
+        out_dir=out,
+        store=store / args.mode,
+        jobs=args.jobs,
+        threads=args.threads or None,
+        train=not args.report_only,
+        on_result=show,
+    )
+    from .claims import evaluate
+
+    entries = evaluate(claims, results)
+    meta = {"mode": args.mode, "seeds": list(args.seeds), "machine": machine()}
+    text = write(entries, Path(args.claims) if args.claims else default_claims, meta)
+    print(text)
+    return 0
+
+
 def cmd_bench_all(args: argparse.Namespace) -> int:
     from .coop import parse_member_overrides
     from .report import run_all
@@ -119,7 +160,7 @@ def cmd_bench_all(args: argparse.Namespace) -> int:
 
 def _add_run_options(p: argparse.ArgumentParser, out: str, what: str) -> None:
     """Options shared by the training benches: mode, seeds, budget, parallelism."""
-    p.add_argument("--mode", choices=["quick", "full"], default="quick")
+    p.add_argument("--mode", choices=["quick", "register", "full"], default="quick")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default=out, help=f"folder for {what}")
     g = p.add_argument_group("budget (default: the mode's; the same for every row)")
@@ -244,6 +285,47 @@ def add_bench_parsers(sub: Any) -> None:
         "timm-<timm model name> (a timm classifier from random init)",
     )
     bj.set_defaults(func=cmd_bench_jointseg)
+
+    br = bench_sub.add_parser(
+        "register",
+        help="the claims register: each paper claim's paired contrast, 95 %% interval and "
+        "verdict (benchmarks/results/claims.json); finished runs are kept in "
+        "benchmarks/results/runs/ and never trained again",
+    )
+    br.add_argument("--papers", nargs="+", choices=PAPERS, help="claims of these papers only")
+    br.add_argument(
+        "--mode",
+        choices=["register", "quick"],
+        default="register",
+        help="register: the protocol of docs/cooperative.md; quick: the same code, "
+        "shorter runs, for a look (~15 min a seed)",
+    )
+    br.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=list(range(REGISTER_SEEDS)),
+        help=f"seeds (default 0..{REGISTER_SEEDS - 1})",
+    )
+    br.add_argument(
+        "--out", default="runs/register", help="training folders (checkpoints are not kept)"
+    )
+    br.add_argument(
+        "--store",
+        help="folder of finished runs' results, <store>/<mode>/<bench>/<run>.json "
+        "(default: benchmarks/results/runs for --mode register, else --out)",
+    )
+    br.add_argument(
+        "--claims",
+        help="where to write claims.json / .md (default: benchmarks/results/claims.json for "
+        "--mode register, else <out>/claims.json)",
+    )
+    br.add_argument(
+        "--report-only", action="store_true", help="train nothing: verdicts from the stored runs"
+    )
+    br.add_argument("--jobs", type=int, default=2, help="runs trained at once (default 2)")
+    br.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    br.set_defaults(func=cmd_bench_register)
 
     ba = bench_sub.add_parser(
         "all", help="coop, dfdam and jointseg, then one Markdown report (quick: ~2 h)"

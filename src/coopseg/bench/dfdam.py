@@ -37,6 +37,7 @@ import torch
 
 from ..config import Config, config_from_dict
 from . import runner
+from .claims import CLAIMS
 from .coop import LITE0, PLATEAU, SETTING_KEYS
 from .coop import MEMBER as DEEPLAB
 from .coop import MODES as COOP_MODES
@@ -50,10 +51,10 @@ ROWS: dict[str, dict[str, Any]] = {
     "dafm+2dpam": {"arch": "dfdam", "backbone": LITE0, "fusion": "dafm+2dpam", "pretrained": True},
 }
 DEFAULT_ROWS = tuple(ROWS)
-# (a, b): per-seed differences a - b in mIoU points, the paper's Table 1 steps.
+# (a, b): per-seed differences a - b in mIoU points: the claims register's Table 1 steps,
+# then the full model against the plain sums and against DeepLabv3+.
 COMPARISONS = (
-    ("dafm", "sum"),
-    ("dafm+2dpam", "dafm"),
+    *((c.a.row, c.b.row) for c in CLAIMS if c.a.bench == "dfdam"),
     ("dafm+2dpam", "sum"),
     ("dafm+2dpam", "deeplabv3plus"),
 )
@@ -62,13 +63,16 @@ PAPER_TABLE1 = {
     "ResNet-50": {"sum": 68.2, "dafm": 73.7, "dafm+2dpam": 74.6},
     "ResNet-101": {"sum": 72.9, "dafm": 76.8, "dafm+2dpam": 77.9},
 }
-MODES = {mode: {k: v for k, v in s.items() if k != "fuse"} for mode, s in COOP_MODES.items()}
+# The cooperative bench's protocol (one recipe for every miniature); at its 128-px scenes
+# DF-DAM's context maps are 8x8 (stride 16) and 4x4 (stride 32), not the 2x2 of 64 px.
+PAIR_ONLY = ("fuse", "link_init")
+MODES = {m: {k: v for k, v in s.items() if k not in PAIR_ONLY} for m, s in COOP_MODES.items()}
 LATENCY_SIZE = (320, 640)  # the paper's Table 4/6 input (3x320x640)
 
 
 def mode_settings(mode: str, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The mode's settings with ``settings`` (None values ignored) laid over them."""
-    return overlay_settings(MODES, mode, settings, SETTING_KEYS, ignore=("fuse",))
+    return overlay_settings(MODES, mode, settings, SETTING_KEYS, ignore=PAIR_ONLY)
 
 
 def bench_config(
@@ -83,12 +87,15 @@ def bench_config(
     if row not in ROWS:
         raise ValueError(f"unknown dfdam bench row {row!r}; one of {list(ROWS)}")
     s = mode_settings(mode, settings)
+    model = {**ROWS[row], "num_classes": 11}
+    if model["arch"] == "deeplabv3plus":  # DF-DAM's strides are fixed by its design
+        model |= {"output_stride": s["output_stride"], "aspp_rates": s["aspp_rates"]}
     raw = {
         "name": f"{row}-seed{seed}",
         "seed": seed,
         "device": "auto",
         "out_dir": str(out_dir),
-        "model": {**ROWS[row], "num_classes": 11},
+        "model": model,
         **fine_tune_sections(s),
     }
     return config_from_dict(raw, list(overrides))

@@ -51,7 +51,7 @@ def fine_tune_sections(s: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             "frozen_stages": s["frozen_stages"],
             "amp": "auto",
             "channels_last": True,
-            "val_interval": 0,
+            "val_interval": s.get("val_interval", 0),
             "checkpoint_interval": 0,
             "log_interval": 50,
         },

@@ -136,7 +136,12 @@ def run_all(
         f"time of the runs behind the tables, summed over runs: {trained}.",
         "",
     ]
-    text = "\n".join(head) + "\n" + "\n".join(pages)
+    from .claims import register_markdown
+
+    register = register_markdown()  # the committed register's verdicts, if any
+    if register:
+        print(register, flush=True)
+    text = "\n".join(head) + "\n" + (register + "\n" if register else "") + "\n".join(pages)
     (out_dir / "report.md").write_text(text)
     summary = {
         "mode": mode,

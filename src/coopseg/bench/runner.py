@@ -15,7 +15,7 @@ import json
 import multiprocessing
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -82,16 +82,34 @@ def run_one(cfg: Config, keep_checkpoints: bool = False) -> dict[str, Any]:
     parameters, GMACs at the scene size, and the training time."""
     from ..engine.train import Trainer
 
-    trainer, _, costs = train_measured(cfg, lambda: Trainer(cfg, show_progress=False))
+    trainer, outcome, costs = train_measured(cfg, lambda: Trainer(cfg, show_progress=False))
     metrics = trainer.output_metrics
     result = {
         "miou": {name: m.miou for name, m in metrics.items()},
         "iou": {name: list(m.iou) for name, m in metrics.items()},
         "pixel_acc": {name: m.pixel_acc for name, m in metrics.items()},
+        "scores": scores_from_history(outcome.history, list(metrics)),
         **costs,
     }
     del trainer
     return finish_run(cfg, result, keep_checkpoints)
+
+
+def scores_from_history(history: Sequence[Mapping[str, Any]], outputs: Sequence[str]) -> dict:
+    """Each output's val mIoU in %: ``{"final": last pass, "best": best pass,
+    "best_iteration": …}``. The papers keep each network's best validation checkpoint
+    ("the validation set to get the best model"); the final one stands beside it.
+    A single network's one output ``out`` is named ``top``, as in a pair."""
+    scores: dict[str, dict[str, float]] = {}
+    for name in outputs:
+        key = "miou" if len(outputs) == 1 else f"miou_{name}"
+        passes = [(r["iteration"], 100 * r[key]) for r in history if r.get(key) is not None]
+        if not passes:
+            continue
+        best_it, best = max(passes, key=lambda p: p[1])
+        label = "top" if name == "out" else name
+        scores[label] = {"final": passes[-1][1], "best": best, "best_iteration": best_it}
+    return scores
 
 
 def _plain(cfg: Config) -> dict[str, Any]:
@@ -99,11 +117,33 @@ def _plain(cfg: Config) -> dict[str, Any]:
     return json.loads(json.dumps(cfg.to_dict()))
 
 
+def _matches(stored: Any, current: Any, default: Any) -> bool:
+    """``stored == current``, where a section key the stored config lacks (added to the
+    config schema after the run) matches when ``current`` holds its default."""
+    if not (isinstance(stored, dict) and isinstance(current, dict)):
+        return stored == current
+    if not isinstance(default, dict):  # the model section: no defaults to fall back on
+        return stored == current
+    for key in set(stored) | set(current):
+        if key not in current:
+            return False
+        if key not in stored:
+            if key not in default or current[key] != default[key]:
+                return False
+        elif not _matches(stored[key], current[key], default.get(key)):
+            return False
+    return True
+
+
 def _same_run(stored: dict[str, Any], cfg: Config) -> bool:
     """Whether a stored config is ``cfg`` up to ``out_dir``: a bench folder that was moved
-    or copied (``bench all`` over finished single benches) still holds the same runs."""
-    plain = _plain(cfg)
-    return {**stored, "out_dir": None} == {**plain, "out_dir": None}
+    or copied (``bench all`` over finished single benches) still holds the same runs, and
+    a result committed before a new config key existed still counts while that key is at
+    its default. (The model section is compared as given: a changed constructor default
+    is not seen.)"""
+    plain, default = _plain(cfg), _plain(Config())
+    default["model"] = None
+    return _matches({**stored, "out_dir": None}, {**plain, "out_dir": None}, default)
 
 
 def save_result(cfg: Config, result: dict[str, Any]) -> None:
@@ -113,15 +153,28 @@ def save_result(cfg: Config, result: dict[str, Any]) -> None:
     (cfg.run_dir / RESULT_FILE).write_text(json.dumps(payload, indent=1))
 
 
-def cached_result(cfg: Config) -> dict[str, Any] | None:
-    """The result a finished run of exactly this config left in its folder, if any."""
-    try:
-        payload = json.loads((cfg.run_dir / RESULT_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(payload.get("config"), dict) or not _same_run(payload["config"], cfg):
-        return None
-    return payload.get("result")
+def cached_result(cfg: Config, store: Path | None = None) -> dict[str, Any] | None:
+    """The result a finished run of exactly this config left in its folder or in
+    ``store`` (``<store>/<run name>.json``, committed so that a new machine goes on
+    where the last one stopped), if any."""
+    for path in [cfg.run_dir / RESULT_FILE] + ([store / f"{cfg.name}.json"] if store else []):
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(payload.get("config"), dict) and _same_run(payload["config"], cfg):
+            return payload.get("result")
+    return None
+
+
+def store_result(cfg: Config, result: dict[str, Any], store: Path) -> None:
+    """Write a finished run's config and result to ``<store>/<run name>.json``
+    atomically (a small file, meant to be committed)."""
+    store.mkdir(parents=True, exist_ok=True)
+    path = store / f"{cfg.name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"config": _plain(cfg), "result": result}, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def _init_worker(threads: int | None) -> None:
@@ -145,6 +198,7 @@ def run_configs(
     rerun: bool = False,
     on_result: Callable[[Config, dict[str, Any], bool], None] | None = None,
     work: Work | None = None,
+    store: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Results by run name, training what is not cached (``rerun``: everything).
 
@@ -155,12 +209,21 @@ def run_configs(
 
     ``jobs > 1``: that many worker processes (spawned), in the order given, each with
     ``threads`` torch threads. ``on_result(cfg, result, reused)`` is called as runs end.
+    ``store``: a folder of committed results, read as a cache and written as runs end.
     """
     work = work or run_one  # looked up at call time (tests replace ``run_one``)
     results: dict[str, dict[str, Any]] = {}
     todo: list[Config] = []
+
+    def done(cfg: Config, result: dict[str, Any]) -> None:
+        results[cfg.name] = result
+        if store is not None:
+            store_result(cfg, result, store)
+        if on_result:
+            on_result(cfg, result, False)
+
     for cfg in configs:
-        cached = None if rerun else cached_result(cfg)
+        cached = None if rerun else cached_result(cfg, store)
         if cached is None:
             todo.append(cfg)
             continue
@@ -171,9 +234,7 @@ def run_configs(
         if threads:
             torch.set_num_threads(threads)
         for cfg in todo:
-            results[cfg.name] = work(cfg, keep_checkpoints)
-            if on_result:
-                on_result(cfg, results[cfg.name], False)
+            done(cfg, work(cfg, keep_checkpoints))
         return results
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
@@ -181,10 +242,7 @@ def run_configs(
     ) as pool:
         futures = {pool.submit(_work, work, cfg.to_dict(), keep_checkpoints): cfg for cfg in todo}
         for future in as_completed(futures):
-            cfg = futures[future]
-            results[cfg.name] = future.result()
-            if on_result:
-                on_result(cfg, results[cfg.name], False)
+            done(futures[future], future.result())
     return results
 
 

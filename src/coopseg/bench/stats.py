@@ -137,3 +137,58 @@ def differences_markdown(diffs: Sequence[dict[str, Any]], title: str) -> list[st
             f"| {verdict} |"
         )
     return [*lines, "", *[f"- {d['sentence']}" for d in diffs], ""]
+
+
+def _t_dist() -> Any:
+    try:
+        from scipy import stats as scipy_stats
+    except ImportError as err:  # pragma: no cover - scipy comes with coopseg[bench]/[dev]
+        raise RuntimeError(
+            "the claims register needs scipy for t-distribution p-values: "
+            "pip install 'coopseg[bench]'"
+        ) from err
+    return scipy_stats.t
+
+
+def one_sided_p(diffs: Sequence[float], null: float, alternative: str) -> float:
+    """p-value of a one-sample t test of the per-seed differences against ``null``:
+    ``alternative="greater"`` tests mean > null, ``"less"`` mean < null. With zero spread
+    the p-value is 0 or 1 by which side of ``null`` the mean lies."""
+    n = len(diffs)
+    if n < 2:
+        return math.nan
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    side = 1.0 if alternative == "greater" else -1.0
+    if sd == 0:
+        return 0.0 if side * (mean - null) > 0 else 1.0
+    t = side * (mean - null) / (sd / math.sqrt(n))
+    return float(_t_dist().sf(t, n - 1))
+
+
+def t_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Two-sided t interval of the mean per-seed difference (NaN with one seed)."""
+    n = len(diffs)
+    if n < 2:
+        return (math.nan, math.nan)
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = float(_t_dist().ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return (mean - half, mean + half)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (NaN stays NaN and counts for nothing)."""
+    order = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    m, adjusted, running = len(order), [math.nan] * len(pvalues), 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def seeds_needed(sd: float, half_width: float, most: int = 200) -> int | None:
+    """The fewest seeds whose 95 % t interval of the mean is at most ``±half_width`` at
+    per-seed spread ``sd`` (None beyond ``most``)."""
+    for n in range(2, most + 1):
+        if t_critical(n - 1) * sd / math.sqrt(n) <= half_width:
+            return n
+    return None
