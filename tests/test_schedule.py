@@ -184,3 +184,37 @@ def test_time_budget_run_resumes_with_ema_and_precise_bn(make_config) -> None:
     step(torch.bfloat16)
     for key, value in resumed.model.state_dict().items():
         assert torch.equal(value, raw[key]), key
+
+
+def test_demo_budget_bench_skips_variants_it_has(tmp_path, monkeypatch) -> None:
+    """The benchmark pass is resumable per variant (each takes ~5 min)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "demo_budget.py"
+    spec = importlib.util.spec_from_file_location("demo_budget", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ran = []
+
+    def fake_run(name, overrides, val_interval, workdir):
+        ran.append((name, overrides))
+        curve = [{"iteration": 9, "wall_s": 2.0, "train_s": 1.5, "miou": 0.5}]
+        return {"variant": name, "precision": "fp32", "schedule": "time", "iterations": 9,
+                "train_s": 1.5, "wall_s": 2.0, "final_miou": 0.5, "min_object_iou": 0.25,
+                "curve": curve}  # fmt: skip
+
+    monkeypatch.setattr(bench, "run_variant", fake_run)
+    out = tmp_path / "r.json"
+    assert bench.main(["--json", str(out), "--variants", "fp32-time", "bf16-iterations"]) == 0
+    assert ran[1] == (
+        "bf16-iterations",
+        ["train.amp=bf16", "train.schedule=iterations", "train.iterations=780",
+         "train.precise_bn_batches=0"],
+    )  # fmt: skip
+    assert bench.main(["--json", str(out)]) == 0  # the two done are skipped
+    assert [name for name, _ in ran[2:]] == [
+        n for n in bench.variants(bench.SETTINGS) if n not in ("fp32-time", "bf16-iterations")
+    ]
+    table = out.with_suffix(".md").read_text()
+    assert "| bf16-iterations | fp32 | time | 9 | 1.5 | 2.0 | 50.0 | 25.0 | 50.0 (2) |" in table
