@@ -218,3 +218,26 @@ def test_demo_budget_bench_skips_variants_it_has(tmp_path, monkeypatch) -> None:
     ]
     table = out.with_suffix(".md").read_text()
     assert "| bf16-iterations | fp32 | time | 9 | 1.5 | 2.0 | 50.0 | 25.0 | 50.0 (2) |" in table
+
+
+def test_extending_a_time_budget_continues_the_decay() -> None:
+    from coopseg.engine.loop import TrainingError, continue_schedule
+    from coopseg.engine.schedule import build_scheduler
+
+    old = config_from_dict({"train": {"schedule": "time", "time_budget_s": 4, "poly_power": 1}})
+    new = config_from_dict({"train": {"schedule": "time", "time_budget_s": 8, "poly_power": 1}})
+    clock = TrainingClock()
+    clock.elapsed_s = 4.0  # the finished run's training time, restored from last.pt
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = build_scheduler(optimizer, new.train, clock)
+    saved = old.to_dict()["train"]
+    note = continue_schedule(scheduler, optimizer, saved, new.train, 40, clock.elapsed_s)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # 0.1 x (1 - 4/8)
+    assert "train.time_budget_s 4.0 -> 8.0" in note and "from 4.0 s of training" in note
+    assert continue_schedule(scheduler, optimizer, saved, old.train, 40, 4.0) == ""
+    with pytest.raises(TrainingError, match="time_budget_s=3 is below the checkpoint's 4.0 s"):
+        short = config_from_dict({"train": {"schedule": "time", "time_budget_s": 3}})
+        continue_schedule(scheduler, optimizer, saved, short.train, 40, 4.0)
+    # a checkpoint from before train.schedule existed reads as the iteration schedule
+    legacy = {k: v for k, v in config_from_dict({}).to_dict()["train"].items() if k != "schedule"}
+    assert continue_schedule(scheduler, optimizer, legacy, config_from_dict({}).train, 3) == ""
