@@ -90,7 +90,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation: SGD + poly lr, iteration based."""
+    """Optimisation: SGD/AdamW + poly lr over iterations or over a training-time budget."""
 
     iterations: int = 1000
     optimizer: str = "sgd"  # sgd (the papers') | adamw
