@@ -90,7 +90,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation: SGD + poly lr, iteration based."""
+    """Optimisation: SGD/AdamW + poly lr over iterations or over a training-time budget."""
 
     iterations: int = 1000
     optimizer: str = "sgd"  # sgd (the papers') | adamw
@@ -103,6 +103,18 @@ class TrainConfig:
     # features while a fresh head learns fast); 0 freezes the backbone
     backbone_lr_mult: float = 1.0
     warmup_iterations: int = 0  # linear lr warm-up from 0 before the poly decay
+    # iterations: poly decay over train.iterations steps (the papers') | time: over
+    # train.time_budget_s seconds of training (steps only; validation and checkpoints
+    # excluded), so the decay ends inside the budget on any machine; not bit-reproducible
+    schedule: str = "iterations"
+    time_budget_s: float = 0.0  # schedule time: training seconds the run lasts (> 0)
+    warmup_s: float = 0.0  # schedule time: linear lr warm-up over this many seconds
+    # before each validation, re-estimate batch-norm statistics exactly (momentum None)
+    # over this many training batches; 0: off (the running averages are used as they are)
+    precise_bn_batches: int = 0
+    # exponential moving average of the weights (and BN buffers), decay per step; when on
+    # the average is what validation evaluates and best/final.safetensors hold; 0: off
+    ema_decay: float = 0.0
     # backbone feature stages, shallowest first, whose weights stay frozen (0: none); the
     # high-resolution stages cost the most backward time and change least in fine-tuning
     frozen_stages: int = 0
@@ -353,6 +365,7 @@ def _config_from_dict(raw: dict[str, Any], overrides: list[str]) -> Config:
 CHOICES = {
     "train.amp": ("none", "auto", "bf16", "fp16"),
     "train.optimizer": ("sgd", "adamw"),
+    "train.schedule": ("iterations", "time"),
     "eval.mode": ("whole", "slide", "center"),
     "train.resume": (False, True, "auto"),
     "data.normalize": ("dataset", "image", "image_channel"),
@@ -421,6 +434,10 @@ RANGES: dict[str, Range] = {
     "train.poly_power": NON_NEGATIVE,
     "train.backbone_lr_mult": NON_NEGATIVE,  # 0: frozen backbone
     "train.warmup_iterations": NON_NEGATIVE,
+    "train.time_budget_s": NON_NEGATIVE,
+    "train.warmup_s": NON_NEGATIVE,
+    "train.precise_bn_batches": NON_NEGATIVE,
+    "train.ema_decay": Range(0, 1, high_open=True),  # 0: off
     "train.frozen_stages": NON_NEGATIVE,
     "train.aux_weights.*": NON_NEGATIVE,
     "train.val_interval": NON_NEGATIVE,  # 0: validate only at the end
@@ -486,6 +503,10 @@ def _check_values(cfg: Config) -> None:
     for key, values in (("data.mean", d.mean), ("data.std", d.std)):
         if len(values) != 3:
             raise ConfigError(f"{key}: expected 3 values (R, G, B), got {values}")
+    _check_schedule(t)
+    if cfg.model.get("arch") == "jointseg" and (t.ema_decay or t.precise_bn_batches):
+        key = "ema_decay" if t.ema_decay else "precise_bn_batches"
+        raise ConfigError(f"train.{key}: not supported for model.arch jointseg (two agents)")
     if t.nesterov and (t.optimizer != "sgd" or t.momentum == 0):
         raise ConfigError(
             f"train.nesterov: needs train.optimizer sgd with train.momentum > 0, "
@@ -519,6 +540,24 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(
                 f"eval.stride {e.stride} is larger than the window {crop} "
                 "(eval.crop_size, default data.crop_size): pixels would be skipped"
+            )
+
+
+def _check_schedule(t: TrainConfig) -> None:
+    """The time schedule needs its budget (the iteration schedule ignores the time keys,
+    and the time schedule train.iterations, so one --set switches a config between them)."""
+    if t.schedule == "time":
+        if t.time_budget_s <= 0:
+            raise ConfigError("train.schedule is time but train.time_budget_s is not set (> 0)")
+        if t.warmup_iterations:
+            raise ConfigError(
+                "train.warmup_iterations: the time schedule warms up by time; "
+                "use train.warmup_s instead"
+            )
+        if t.warmup_s >= t.time_budget_s:
+            raise ConfigError(
+                f"train.warmup_s={t.warmup_s:g} is not below train.time_budget_s="
+                f"{t.time_budget_s:g}"
             )
 
 

@@ -85,6 +85,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_from_main(value: float, info: DistInfo) -> float:
+    """Rank 0's ``value`` on every rank (a decision one clock or one measurement makes)."""
+    if not (info.distributed and dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

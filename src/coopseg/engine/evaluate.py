@@ -39,13 +39,14 @@ def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """``train.amp`` -> autocast dtype (None: full precision). ``auto``: bf16 on CUDA
-    (fp16 where bf16 is missing) and on CPUs with native bf16, else full precision."""
+    (fp16 where bf16 is missing), full precision on a CPU (where bf16 pays depends on
+    the model too; training measures it: engine/precision.py)."""
     if amp == "none":
         return None
     if amp == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_fast_bf16() else None
+        return None
     if amp == "bf16":
         return torch.bfloat16
     if amp == "fp16":

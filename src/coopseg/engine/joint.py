@@ -68,7 +68,6 @@ from .train import (
     build_optimizer,
     dataset_info,
     place_model,
-    poly_lambda,
 )
 
 AGENTS = ("cls", "seg")
@@ -277,9 +276,7 @@ class JointTrainer(TrainingLoop):
                 settings = dataclasses.replace(settings, weight_decay=j.cls_weight_decay)
             optimizer = build_optimizer(nn.ParameterList(params), settings)
             self.optimizers[agent] = optimizer
-            self.schedulers[agent] = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, poly_lambda(t.iterations, t.poly_power, t.warmup_iterations)
-            )
+            self.schedulers[agent] = self.build_scheduler(optimizer)
             self.scalers[agent] = torch.amp.GradScaler(
                 self.device.type, enabled=self.amp_dtype == torch.float16
             )

@@ -39,8 +39,10 @@ from .checkpoint import (
     set_rng_state,
 )
 from .distributed import DistInfo, all_reduce_sum, init_distributed
+from .ema import build_ema, precise_bn
 from .logging import RunLogger
 from .metrics import SegMetrics
+from .schedule import TrainingClock, build_scheduler, describe_schedule, schedule_done
 
 
 class TrainingError(RuntimeError):
@@ -56,6 +58,7 @@ class TrainResult:
     last_metrics: SegMetrics | None
     history: list[dict[str, Any]] = field(default_factory=list)
     last_cls: dict[str, float] | None = None  # JointSeg's classifier agent
+    train_s: float = 0.0  # seconds spent in training steps (the time schedule's clock)
 
 
 def describe_weights(sources: dict[str, str]) -> list[str]:
@@ -99,26 +102,40 @@ def start_state(checkpoint: Path, resume: bool | str) -> tuple[dict[str, Any] | 
     return resume_state(checkpoint, resume)
 
 
+SCHEDULE_KEYS = {
+    "iterations": ("schedule", "iterations", "poly_power", "warmup_iterations"),
+    "time": ("schedule", "time_budget_s", "poly_power", "warmup_s"),
+}
+
+
 def continue_schedule(
     scheduler: torch.optim.lr_scheduler.LambdaLR,
     optimizer: torch.optim.Optimizer,
     saved: dict[str, Any],
     train_cfg: TrainConfig,
     iteration: int,
+    train_s: float = 0.0,
 ) -> str:
-    """Resuming with a changed schedule (``--set train.iterations=N`` to extend a finished
-    run): the lr continues on the new schedule from where the run stands, i.e. at the
-    value a run configured with the new length would have at this iteration (the
-    optimizer's restored lr is the old schedule's, 0 at its end). Returns what changed."""
-    keys = ("iterations", "poly_power", "warmup_iterations")
-    changed = {k: (saved.get(k), getattr(train_cfg, k)) for k in keys}
+    """Resuming with a changed schedule (``--set train.iterations=N`` or
+    ``train.time_budget_s=S`` to extend a finished run): the lr continues on the new
+    schedule from where the run stands, i.e. at the value a run configured with the new
+    length would have at this iteration / training time (the optimizer's restored lr is
+    the old schedule's, 0 at its end). Returns what changed."""
+    defaults = {"schedule": "iterations", "time_budget_s": 0.0, "warmup_s": 0.0}
+    keys = SCHEDULE_KEYS[train_cfg.schedule]
+    changed = {k: (saved.get(k, defaults.get(k)), getattr(train_cfg, k)) for k in keys}
     changed = {k: v for k, v in changed.items() if v[0] != v[1]}
     if not changed:
         return ""
-    if iteration > train_cfg.iterations:
+    if train_cfg.schedule == "iterations" and iteration > train_cfg.iterations:
         raise TrainingError(
             f"train.iterations={train_cfg.iterations} is below the checkpoint's iteration "
             f"{iteration}; give a larger value to extend the run"
+        )
+    if train_cfg.schedule == "time" and train_s > train_cfg.time_budget_s:
+        raise TrainingError(
+            f"train.time_budget_s={train_cfg.time_budget_s:g} is below the checkpoint's "
+            f"{train_s:.1f} s of training; give a larger value to extend the run"
         )
     for group, base, factor in zip(
         optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
@@ -127,7 +144,9 @@ def continue_schedule(
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     what = ", ".join(f"train.{k} {a} -> {b}" for k, (a, b) in changed.items())
     lr = optimizer.param_groups[0]["lr"]
-    return f"schedule changed ({what}): lr continues at {lr:.3g} from iteration {iteration}"
+    timed = train_cfg.schedule == "time"
+    where = f"{train_s:.1f} s of training" if timed else f"iteration {iteration}"
+    return f"schedule changed ({what}): lr continues at {lr:.3g} from {where}"
 
 
 class TrainingLoop:
@@ -160,13 +179,30 @@ class TrainingLoop:
         self.best_miou = -1.0
         self.best_iteration = 0
         self.history: list[dict[str, Any]] = []
-        self.resume_note = self.schedule_note = ""
+        self.resume_note = self.schedule_note = self.precision_note = ""
+        self.precision: dict[str, Any] = {}  # what train.amp resolved to (the start record)
         self.last_save = time.perf_counter()  # train.checkpoint_interval_s counts from here
+        # training seconds: the time schedule's progress, restored on resume
+        self.train_clock = TrainingClock()
+        self.ema: torch.optim.swa_utils.AveragedModel | None = None  # train.ema_decay
+
+    def build_scheduler(
+        self, optimizer: torch.optim.Optimizer
+    ) -> torch.optim.lr_scheduler.LambdaLR:
+        """An agent's lr schedule (``train.schedule``), driven by this loop's clock."""
+        return build_scheduler(optimizer, self.cfg.train, self.train_clock)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What validation evaluates and the weight files hold: the EMA when on."""
+        return self.ema.module if self.ema is not None else self.model
 
     def begin(self, resume: bool | str | None) -> None:
         """After the subclass built everything: start fresh or restore (``train.resume``)."""
         if not self.weight_sources:
             self.weight_sources = weight_sources(self.model)
+        if self.cfg.train.ema_decay:
+            self.ema = build_ema(self.model, self.cfg.train.ema_decay)
         resume = self.cfg.train.resume if resume is None else resume
         state, self.resume_note = start_state(self.ckpt_dir / "last.pt", resume)
         if state is not None:
@@ -187,6 +223,16 @@ class TrainingLoop:
 
     def after_validation(self, iteration: int) -> None:
         """E.g. a cooperative model's best checkpoint per output."""
+
+    def bn_batches(self, count: int) -> Iterator[torch.Tensor]:  # pragma: no cover
+        """``count`` training input batches for the precise-BN pass."""
+        raise NotImplementedError
+
+    def before_validation(self) -> None:
+        """``train.precise_bn_batches``: exact BN statistics of the evaluated weights."""
+        count = self.cfg.train.precise_bn_batches
+        if count:
+            precise_bn(self.eval_model, self.bn_batches(count), self.dist)
 
     def check_resumable(self, state: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model (subclasses add their own sections)."""
@@ -221,6 +267,8 @@ class TrainingLoop:
             "best_miou": self.best_miou,
             "best_iteration": self.best_iteration,
             "history": self.history,
+            "train_s": self.train_clock.elapsed_s,
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             "rng": rng_state(),
             "config": self.cfg.to_dict(),
             "info": self.info,
@@ -238,6 +286,12 @@ class TrainingLoop:
         self.best_miou = state["best_miou"]
         self.best_iteration = state["best_iteration"]
         self.history = state.get("history", [])
+        self.train_clock.elapsed_s = float(state.get("train_s", 0.0))
+        if self.ema is not None:
+            if "ema" in state:
+                self.ema.load_state_dict(state["ema"])
+            else:  # turned on when resuming: the average starts from here
+                self.ema = build_ema(self.model, self.cfg.train.ema_decay)
         self.restore_extra(state)
         set_rng_state(state["rng"])
         notes = [
@@ -247,6 +301,7 @@ class TrainingLoop:
                 state["config"]["train"],
                 self.cfg.train,
                 self.iteration,
+                self.train_clock.elapsed_s,
             )
             for agent in self.optimizers
         ]
@@ -291,10 +346,11 @@ class TrainingLoop:
         (self.run_dir / "config.yaml").write_text(
             weights_header(self.weight_sources) + cfg.to_yaml()
         )
-        notes = [self.resume_note, self.schedule_note]
+        notes = [self.resume_note, self.schedule_note, self.precision_note]
         for line in [*describe_weights(self.weight_sources), *filter(None, notes)]:
             print(f"[{cfg.name}] {line}", flush=True)
-        logger.log(self.iteration, "start", {"weights": self.weight_sources})
+        record = {"weights": self.weight_sources, **describe_schedule(cfg.train)}
+        logger.log(self.iteration, "start", {**record, **self.precision})
 
     def _log_step(
         self, logger: RunLogger, bar: tqdm, values: dict[str, torch.Tensor], rate: float
@@ -313,7 +369,11 @@ class TrainingLoop:
             lrs = {"lr": next(iter(self.schedulers.values())).get_last_lr()[0]}
         else:
             lrs = {f"lr_{a}": s.get_last_lr()[0] for a, s in self.schedulers.items()}
-        logger.log(it, "train", {**reduced, **lrs, "img_per_s": rate})
+        logger.log(
+            it,
+            "train",
+            {**reduced, **lrs, "img_per_s": rate, "train_s": self.train_clock.elapsed_s},
+        )
         shown = {k: f"{v:.3f}" for k, v in reduced.items() if k.count("_") <= 1}
         shown |= {k: f"{v:.2e}" for k, v in lrs.items()}
         bar.set_postfix({**shown, "ips": f"{rate:.1f}"}, refresh=False)
@@ -324,8 +384,9 @@ class TrainingLoop:
         self._start_run(logger)
         last_metrics: SegMetrics | None = None
         start_iter, start_time = self.iteration, time.perf_counter()
+        timed = t.schedule == "time"
         bar = tqdm(
-            total=t.iterations,
+            total=None if timed else t.iterations,
             initial=self.iteration,
             disable=not self.show_progress,
             dynamic_ncols=True,
@@ -334,27 +395,33 @@ class TrainingLoop:
         )
         streams = self.batch_streams()
         try:
-            while self.iteration < t.iterations:
+            while not schedule_done(t, self.iteration, self.train_clock):
+                self.train_clock.start()
                 values = self.train_step(streams)
+                if self.ema is not None:
+                    self.ema.update_parameters(self.model)
+                self.train_clock.stop(self.dist, sync=timed)  # rank 0's clock decides
                 it = self.iteration
-                if it % t.log_interval == 0 or it == t.iterations:
+                done = schedule_done(t, it, self.train_clock)
+                if it % t.log_interval == 0 or done:
                     elapsed = time.perf_counter() - start_time
                     rate = (it - start_iter) * cfg.data.batch_size / max(elapsed, 1e-9)
                     self._log_step(logger, bar, values, rate)
                 bar.update(1)
                 out_of_time = time_is_up(self.dist, start_time, t.max_time_s)
-                finished = it == t.iterations or out_of_time
+                finished = done or out_of_time
                 if (t.val_interval and it % t.val_interval == 0) or finished:
+                    self.before_validation()
                     record, metrics, line = self.validation()
                     last_metrics = metrics if metrics is not None else last_metrics
-                    logger.log(it, "val", record)
+                    logger.log(it, "val", {**record, "train_s": self.train_clock.elapsed_s})
                     self.history.append({"iteration": it, **record})
                     if metrics is not None and metrics.miou > self.best_miou:
                         self.best_miou, self.best_iteration = metrics.miou, it
                         if self.dist.is_main and self.save_weight_files:
                             save_weights(
                                 self.ckpt_dir / "best.safetensors",
-                                self.model,
+                                self.eval_model,
                                 cfg,
                                 {**self.info, "iteration": it, "miou": metrics.miou},
                             )
@@ -385,7 +452,7 @@ class TrainingLoop:
         if self.dist.is_main and self.save_weight_files:
             save_weights(
                 self.ckpt_dir / "final.safetensors",
-                self.model,
+                self.eval_model,
                 cfg,
                 {**self.info, "iteration": self.iteration},
             )
@@ -397,6 +464,7 @@ class TrainingLoop:
             last_metrics,
             self.history,
             self.last_classifier_metrics(),
+            self.train_clock.elapsed_s,
         )
 
     def last_classifier_metrics(self) -> dict[str, float] | None:

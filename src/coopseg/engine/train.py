@@ -8,6 +8,8 @@ validation mIoU). The loop itself is :class:`~coopseg.engine.loop.TrainingLoop`.
 
 from __future__ import annotations
 
+import copy
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +24,6 @@ from ..models.backbones import find_backbones, stage_parameters, weight_sources
 from .checkpoint import init_model_from, save_weights
 from .distributed import DistInfo
 from .evaluate import (
-    amp_dtype,
     autocast_context,
     center_region,
     check_class_count,
@@ -32,8 +33,12 @@ from .evaluate import (
 from .loop import TrainingError, TrainingLoop, TrainResult
 from .loss import SegmentationLoss
 from .metrics import SegMetrics
+from .precision import Step, training_precision
+from .schedule import poly_lambda
 
-__all__ = ["TrainResult", "Trainer", "TrainingError", "train"]
+__all__ = ["TrainResult", "Trainer", "TrainingError", "poly_lambda", "train"]
+
+PRECISE_BN_SEED_OFFSET = 104_729  # the precise-BN batches differ from the training stream
 
 
 def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
@@ -66,16 +71,6 @@ def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     raise ConfigError(f"train.optimizer: expected sgd or adamw, got {t.optimizer!r}")
-
-
-def poly_lambda(iterations: int, power: float, warmup: int = 0):
-    """lr factor at an iteration: linear warm-up over ``warmup`` steps, then poly decay."""
-
-    def factor(it: int) -> float:
-        decay = max(0.0, 1.0 - it / iterations) ** power
-        return decay * min(1.0, (it + 1) / warmup) if warmup > 0 else decay
-
-    return factor
 
 
 def dataset_info(dataset: SegmentationDataset) -> dict[str, Any]:
@@ -155,14 +150,51 @@ class Trainer(TrainingLoop):
         self.center = center_region(cfg.eval, cfg.data.crop_size)
         t = cfg.train
         self.optimizers["seg"] = build_optimizer(model, t)
-        self.schedulers["seg"] = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, poly_lambda(t.iterations, t.poly_power, t.warmup_iterations)
+        self.schedulers["seg"] = self.build_scheduler(self.optimizer)
+        self.amp_dtype, self.precision, self.precision_note = training_precision(
+            t.amp, self.device, self.probe_step, self.dist
         )
-        self.amp_dtype = amp_dtype(t.amp, self.device)
         self.scalers["seg"] = torch.amp.GradScaler(
             self.device.type, enabled=self.amp_dtype == torch.float16
         )
         self.begin(resume)
+
+    def probe_step(self) -> Step:
+        """A training step in a given precision on a copy of the model and a random batch
+        of the run's shape (``train.amp: auto``'s probe; the run's state stays as it is)."""
+        model = copy.deepcopy(self.model)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0)
+        d = self.cfg.data
+        g = torch.Generator().manual_seed(0)
+        images = torch.randn(d.batch_size // self.dist.world_size, 3, *d.crop_size, generator=g)
+        masks = torch.randint(
+            0, self.train_set.num_classes, (len(images), *d.crop_size), generator=g
+        )
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+
+        def step(dtype: torch.dtype | None) -> None:
+            with autocast_context(self.device, dtype):
+                outputs = model(images)
+            loss, _ = self.criterion(outputs, masks)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return step
+
+    def bn_batches(self, count: int) -> Iterator[torch.Tensor]:
+        """``count`` augmented training batches, a stream of their own that depends on the
+        iteration (resume sees the same ones), for the precise-BN pass."""
+        d = self.cfg.data
+        loader = self.loader(
+            self.train_set, d.batch_size, self.cfg.seed + PRECISE_BN_SEED_OFFSET, "data.batch_size"
+        )
+        for images, _ in itertools.islice(loader, count):
+            images = images.to(self.device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -186,7 +218,7 @@ class Trainer(TrainingLoop):
         """Metrics of the model's prediction (a cooperative model's reported output,
         ``model.report``); every output's metrics are kept in ``self.output_metrics``."""
         self.output_metrics = evaluate_outputs(
-            self.model,
+            self.eval_model,
             self.val_set,
             self.train_set.num_classes,
             dist=self.dist,
@@ -230,7 +262,7 @@ class Trainer(TrainingLoop):
             if self.dist.is_main:
                 save_weights(
                     self.ckpt_dir / f"best-{name}.safetensors",
-                    self.model,
+                    self.eval_model,
                     self.cfg,
                     {**self.info, "iteration": iteration, "miou": metrics.miou, "output": name},
                 )
