@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from coopseg.config import Config, config_from_dict
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Test the checkout the tests live in (a git worktree beside an editable install of
+# another one included), in this process and in the subprocesses the tests start.
+_SRC = str(Path(__file__).resolve().parents[1] / "src")
+if sys.path[0] != _SRC:
+    sys.path.insert(0, _SRC)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_SRC, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _SRC]]
+)
+
+from coopseg.config import Config, config_from_dict  # noqa: E402 (after the path above)
 
 torch.set_num_threads(2)
 
