@@ -55,19 +55,20 @@ register keeps it) and read it before the other seeds.
 
 Sizing. CPU seconds per iteration on one thread (a 40- minus a 10-iteration run; CPU
 time, since the box was shared, load 4-10 on 2 cores, and its wall times varied 2-3x):
-FCN-8s 0.02, U-Net 0.065, the plain classifier 0.125 (x4), JointSeg 0.32 (x4; 0.31-0.40
-at x8, 1.0 at the paper's x32); start-up plus one validation pass (500 + 500 scenes)
-1-2 s. The five claim rows (jointseg, jointseg-noise80, classifier, fcn8s, unet) thus
-cost ~0.85 s per iteration per seed plus ~40 s (5 passes, start-up). 60 min of 2-core
+FCN-8s 0.02, U-Net 0.065, the plain classifier 0.125 (x4), JointSeg 0.32 (x4; 1.0 at
+the paper's x32; a x8 pair read 0.31 for JointSeg and 0.40 for the classifier alone, the
+noise of a shared box); start-up plus one validation pass (500 + 500 scenes) 1-2 s.
+The five claim rows (jointseg, jointseg-noise80, classifier, fcn8s, unet) thus cost
+~0.85 s per iteration per seed plus ~40 s (5 passes, start-up). 60 min of 2-core
 wall time (two one-thread runs at once; ~6000 s of run time after the parallel
 slow-down) holds S x (0.85 I + 40) s: **1000 iterations x 6 seeds** (~5300 s), on a
 quiet box; with the box shared as today (wall ~1.5x CPU) 1000 x 4. Claims and their
 read-out: JointSeg - U-Net and JointSeg - FCN-8s (``seg`` best; the paper's +40.7 and
 +50.8 from random init, Table II), the classifier agent - the plain classifier
-(``cls_top1`` best; Table III: 85.1 vs Inception-v3 84.3), 80 % random labels - clean (``seg`` best,
-non-inferiority: the 95 % interval's low end above **-2.0 points**, about a tenth of a
-20 %-mIoU segmenter and the size of the seed-to-seed spread of the issue-14 segmenters;
-the paper: "without effecting the performance"). With 6 seeds the interval is +-2.57 s
+(``cls_top1`` best; Table III: 85.1 vs Inception-v3 84.3), 80 % random labels - clean
+(``seg`` best, non-inferiority: the 95 % interval's low end above **-2.0 points**, a
+tenth of a 20 %-mIoU segmenter and within the issue-14 segmenters' seed spread, std
+0.2-3.0; the paper: "without effecting the performance"). With 6 seeds the interval is +-2.57 s
 / sqrt(6) (s: the paired differences' std): +-0.7 needs s <= 0.67; wider contrasts read
 "inconclusive at 1000 iterations on 64-px scenes". ``quick`` (users): the five claim
 rows, 300 iterations, 3 seeds: ~3 x (0.85 x 300 + 40) s / 2 jobs ~ 8 min of CPU, <= 20
