@@ -50,9 +50,9 @@ leave it under each (SGD 0.01: 7.6, 0.05: 9.5; AdamW 0.006: 10.7). JointSeg, 80
 iterations: at lr 0.05 the x30 classifier (lr 1.5) answers grade 0 for every scene
 (40.6 % top-1, the majority), at 0.01 (classifier 0.3) it has started to learn (44.8 %);
 both stable. The plain classifier, 150 iterations: 40.6 % (the majority) at 0.05 x 30,
-43.4 % top-1 and 53.6 % binary at 0.01 x 30. So every row trains with SGD at lr 0.01. Whether U-Net and JointSeg leave
-the plateau at 1000 iterations is not measured here: run seed 0 of every row first (the
-register keeps it) and read it before the other seeds.
+43.4 % top-1 and 53.6 % binary at 0.01 x 30. So every row trains with SGD at lr 0.01.
+Whether U-Net and JointSeg leave the plateau at 1000 iterations is not measured here:
+run seed 0 of every row first (the register keeps it) and read it before the others.
 
 Sizing. CPU seconds per iteration on one thread (a 40- minus a 10-iteration run; CPU
 time, since the box was shared, load 4-10 on 2 cores, and its wall times varied 2-3x):
