@@ -22,37 +22,46 @@ TINY = {
     "scene_size": 32,
     "train_scenes": 16,
     "val_scenes": 4,
+    "cls_scenes_ratio": 2,
     "batch_size": 2,
     "lr": 0.002,
     "pretrained_lr": 0.001,
-    "widths": [4, 8, 8, 16, 16],
+    "widths": [4, 8, 8, 16],
     "blocks": 1,
-    "cls_lr_ratio": 5.0,
+    "cls_lr_ratio": 30.0,
     "cls_batch_ratio": 2,
+    "val_interval": 1,
     "rows": ["jointseg", "classifier"],
 }
 
 
-def test_rows_share_data_and_budget_and_only_the_paper_row_changes_the_recipe() -> None:
+def test_rows_share_data_budget_and_the_papers_optimizer() -> None:
     configs = {row: bench.bench_config(row, 2) for row in bench.ROWS}
     base = configs["jointseg"]
-    assert base.train.optimizer == "adamw" and base.train.amp == "none"  # fp32 on CPUs
+    assert (base.train.optimizer, base.train.nesterov, base.train.momentum) == ("sgd", True, 0.9)
+    assert base.train.amp == "none"  # fp32 on CPUs
+    assert base.data.batch_size >= 4  # BN over a sane batch
+    assert base.joint.cls_lr_ratio == 30.0
     assert base.joint.binary_normal == [0] and base.joint.cls_label_noise == 0
+    assert base.joint.cls_label == "area" and base.joint.cls_data == "separate"
+    assert base.joint.cls_scenes >= 4 * base.data.train_scenes
+    assert base.joint.cls_scene_seed != base.data.scene_seed
+    assert base.train.val_interval and base.train.iterations // base.train.val_interval >= 4
+    # no encoder level smaller than 4x4: stem stride 2, then one halving per further level
+    assert base.data.scene_size // 2 ** len(base.model["widths"]) >= 4
     for row, cfg in configs.items():
         assert cfg.name == f"{row}-seed2" and cfg.seed == 2
         assert cfg.train.iterations == base.train.iterations, row
         assert cfg.data.crop_size == base.data.crop_size and cfg.data.vflip, row
         pretrained = bench.ROWS[row].encoder != "random"
         lr = bench.MODES["quick"]["pretrained_lr" if pretrained else "lr"]
+        assert cfg.train.lr == lr, row  # the fine-tuning lr for a pretrained encoder
+        assert replace(cfg.train, lr=base.train.lr) == base.train, row
+        assert cfg.data == base.data, row
         if row != "jointseg-paper":
-            assert cfg.train.lr == lr, row  # the fine-tuning lr for a pretrained encoder
-            assert replace(cfg.train, lr=base.train.lr) == base.train, row
-            assert cfg.data == base.data, row
-            assert cfg.joint.cls_batch_ratio == base.joint.cls_batch_ratio, row
+            assert cfg.joint == replace(base.joint, cls_label_noise=cfg.joint.cls_label_noise), row
     paper = configs["jointseg-paper"]
-    assert (paper.train.optimizer, paper.train.nesterov, paper.train.momentum) == ("sgd", True, 0.9)
     assert (paper.joint.cls_lr_ratio, paper.joint.cls_batch_ratio) == (30.0, 32)
-    assert paper.data.batch_size == 1
     assert configs["jointseg-noise80"].joint.cls_label_noise == 0.8
     for arch in ("fcn8s", "unet"):
         model = configs[f"{arch}-imagenet"].model
@@ -64,6 +73,56 @@ def test_rows_share_data_and_budget_and_only_the_paper_row_changes_the_recipe() 
     with pytest.raises(ValueError, match="unknown jointseg bench row 'segnet'"):
         bench.bench_config("segnet", 0)
     assert bench.row_spec("timm-vgg19") == bench.Row("cls", "timm vgg19 (random init)", "vgg19")
+
+
+def test_every_row_starts_its_jointseg_encoder_from_the_same_init(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench.MODES, "tiny", TINY)
+    encoders = {}
+    for row in ("jointseg", "classifier", "fcn8s", "unet"):
+        cfg = bench.bench_config(row, 3, "tiny", tmp_path)
+        model = bench._model_for(bench.row_spec(row), cfg)
+        encoders[row] = model.encoder if row in ("jointseg", "classifier") else model.backbone
+    ref = encoders["jointseg"].state_dict()
+    for row, encoder in encoders.items():
+        state = encoder.state_dict()
+        assert state.keys() == ref.keys(), row
+        for key, value in ref.items():
+            assert torch.equal(state[key], value), (row, key)
+    # the init is He fan-out (std sqrt(2 / fan_out)), not PyTorch's ~2.5x smaller default
+    convs = [m for m in encoders["fcn8s"].modules() if isinstance(m, torch.nn.Conv2d)]
+    conv = max(convs, key=lambda m: m.weight.numel())
+    fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    assert float(conv.weight.detach().std()) == pytest.approx((2 / fan_out) ** 0.5, rel=0.2)
+    other = bench._model_for(
+        bench.row_spec("unet"), bench.bench_config("unet", 4, "tiny", tmp_path)
+    )
+    assert not torch.equal(other.backbone.stem[0].weight, encoders["unet"].stem[0].weight)
+
+
+def test_fcn_on_the_bench_encoder_fuses_its_three_deepest_maps() -> None:
+    widths = [4, 8, 8, 16]
+    model = bench.baseline_segmenter("fcn8s", widths, blocks=1).eval()
+    assert [model.tap_info[k].stride for k in ("head", "score16", "score8")] == [16, 8, 4]
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64))["out"].shape == (1, 11, 64, 64)
+    with pytest.raises(ValueError, match="strides: expected three strides"):
+        from coopseg.models import create_model
+
+        create_model("fcn8s", backbone="resnet18", strides=[8, 16, 16])
+
+
+def test_scores_keep_the_final_and_the_best_pass() -> None:
+    history = [
+        {"iteration": 2, "miou": 0.10, "cls_top1": 0.5, "cls_top2": 0.7, "cls_binary": 0.6},
+        {"iteration": 4, "miou": 0.30, "cls_top1": 0.4, "cls_top2": 0.8, "cls_binary": 0.6},
+        {"iteration": 6, "miou": 0.20, "cls_top1": 0.45, "cls_top2": 0.9, "cls_binary": 0.7},
+    ]
+    got = bench.scores(history)
+    assert got["seg"] == pytest.approx({"final": 20.0, "best": 30.0})
+    assert got["cls_top1"] == pytest.approx({"final": 45.0, "best": 50.0})
+    assert got["cls_top2"] == pytest.approx({"final": 90.0, "best": 90.0})
+    assert got["cls_binary"] == pytest.approx({"final": 70.0, "best": 70.0})
+    assert bench.scores([{"iteration": 2, "miou": 0.25}]) == {"seg": {"final": 25.0, "best": 25.0}}
 
 
 def test_classifier_pretrained_rows_start_from_the_classifier_encoder(tmp_path, monkeypatch):
@@ -155,7 +214,15 @@ def test_a_tiny_real_bench_trains_every_kind_of_row(tmp_path, monkeypatch) -> No
     assert "top1" not in table["unet-imagenet"]
     assert (tmp_path / "out" / "runs" / "classifier-seed0" / bench.ENCODER_FILE).is_file()
     assert table["unet-imagenet"]["params_m"] > table["fcn8s-classifier"]["params_m"]
-    for run in report["runs"].values():
+    for row, run in report["runs"].items():
         assert run[0]["iterations"] == TINY["iterations"]
+        assert run[0]["val_iterations"] == [1, 2], row  # val_interval 1: a pass per iteration
+        names = {"seg"} if "miou" in table[row] else set()
+        names |= {"cls_top1", "cls_top2", "cls_binary"} if "top1" in table[row] else set()
+        assert set(run[0]["scores"]) == names, row
+        for score in run[0]["scores"].values():
+            assert 0 <= score["final"] <= score["best"] <= 100, row
     text = (tmp_path / "out" / "jointseg.md").read_text()
     assert "timm test_resnet (random init)" in text and "binary: 0 normal" in text
+    built = [p.name for p in (tmp_path / "cache" / "fashionscenes").iterdir()]
+    assert "s32-n32-1-seed1-v1" in built, built  # the classifier's own 2x larger set

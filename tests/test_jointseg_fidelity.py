@@ -19,8 +19,14 @@ from coopseg.bench.jointseg import baseline_segmenter, bench_config
 from coopseg.cli import resolve_config_path
 from coopseg.config import JointConfig, load_config
 from coopseg.data.base import IGNORE_INDEX
-from coopseg.data.fashionscenes import FashionScenes
-from coopseg.data.joint import FOOTWEAR, predicted_abnormal, scene_class_labels
+from coopseg.data.fashionscenes import FashionScenes, build_fashionscenes
+from coopseg.data.joint import (
+    AREA_EDGES,
+    FOOTWEAR,
+    object_share,
+    predicted_abnormal,
+    scene_class_labels,
+)
 from coopseg.data.transforms import eval_transform, standardize, train_transform
 from coopseg.engine.distributed import DistInfo
 from coopseg.engine.joint import JointTrainer, evaluate_classifier
@@ -79,6 +85,46 @@ def test_count_grade_makes_level_0_a_real_frequent_class(tiny_scenes) -> None:
         assert share[0] >= 0.25, share  # 44 % on the 2000-scene build, the modal grade
     with pytest.raises(ValueError, match="count_classes"):
         scene_class_labels(FashionScenes(tiny_scenes, "val"), "count", [11])
+
+
+def test_area_grade_bins_the_pixels_of_every_segmented_class(tiny_scenes) -> None:
+    scenes = FashionScenes(tiny_scenes, "train")
+    masks = scenes.masks
+    share = ((masks >= 1) & (masks <= 10)).mean((1, 2))  # any class; ignore band excluded
+    np.testing.assert_allclose(object_share(masks), share)
+    grade = scene_class_labels(scenes, "area")
+    np.testing.assert_array_equal(grade, (share[:, None] >= np.array(AREA_EDGES)).sum(1))
+    # every object class moves the grade, not footwear only: scenes without footwear span
+    # several grades (the count grade gives all of them 0)
+    no_footwear = ~np.isin(scenes.objects, FOOTWEAR).any(1)
+    assert len(set(grade[no_footwear])) >= 3
+    assert (scene_class_labels(scenes, "count")[no_footwear] == 0).all()
+    # one mask pixel over an edge: the grade follows what the segmenter would segment
+    scenes.masks = np.zeros_like(masks[:1])
+    scenes.masks[0, : int(np.ceil(AREA_EDGES[2] * masks[0].size / masks.shape[2])), :] = 7
+    assert scene_class_labels(scenes, "area").tolist() == [3]
+    with pytest.raises(ValueError, match="area_edges: expected 4 increasing"):
+        scene_class_labels(scenes, "area", area_edges=[0.3, 0.2, 0.4, 0.5])
+
+
+def test_separate_classifier_scenes_share_no_scene_with_the_segmenters(
+    tmp_path, make_config, monkeypatch
+) -> None:
+    monkeypatch.setenv("COOPSEG_CACHE", str(tmp_path / "cache"))
+    cfg = joint_config(make_config, joint={"cls_data": "separate", "cls_scenes": 192})
+    trainer = JointTrainer(cfg, show_progress=False)
+    cls_scenes, train = trainer.cls_set.scenes, trainer.train_set
+    assert len(cls_scenes) == 4 * len(train) and cls_scenes.root != train.root
+    seen = {img.tobytes() for split in (train, trainer.val_set) for img in split.images}
+    assert not any(img.tobytes() in seen for img in cls_scenes.images)
+    # the check has teeth: the segmenter's generator seed gives its own scenes back
+    same = build_fashionscenes(tmp_path / "same", size=64, train=48, val=1, seed=0)
+    np.testing.assert_array_equal(FashionScenes(same, "train").images, train.images)
+    from coopseg.config import ConfigError
+
+    bad = joint_config(make_config, joint={"cls_data": "separate", "cls_scene_seed": 0})
+    with pytest.raises(ConfigError, match="joint.cls_scene_seed: equals data.scene_seed"):
+        JointTrainer(bad, show_progress=False)
 
 
 def test_binary_rules_argmax_and_mass() -> None:

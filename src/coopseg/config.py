@@ -160,11 +160,15 @@ class JointConfig:
 
     cls_lr_ratio: float = 30.0  # classifier lr = this x train.lr (the segmenter's); paper: 30
     cls_batch_ratio: int = 32  # classifier batch = this x data.batch_size; paper: 32
-    # count (grade 0..4: objects of count_classes) | dominant (class with most pixels, 11)
+    # count (grade 0..4: objects of count_classes) | area (grade 0..4: the share of object
+    # pixels, any class, binned at area_edges) | dominant (class with most pixels, 11)
     cls_label: str = "count"
     # classes whose objects the count grade counts (ours: footwear, the "lesions", so grade
     # 0, "no lesion", is the most frequent; all of 1..10: plain object count, grade 0 empty)
     count_classes: list[int] = field(default_factory=lambda: [6, 8, 10])
+    # area grade: 4 increasing object-pixel shares; default the 40/55/70/85 % quantiles at
+    # 64 px (grades 40/15/15/15/15 %); at 128 px use [0.09, 0.12, 0.15, 0.19]
+    area_edges: list[float] = field(default_factory=lambda: [0.24, 0.29, 0.34, 0.41])
     binary_normal: list[int] = field(default_factory=lambda: [0])  # paper: level 0 is normal
     binary_rule: str = "argmax"  # predicted normal: top-1 label in binary_normal | mass (>= 1/2)
     # classifier stream only (paper: hue, contrast, saturation changes); ColorJitter ranges
@@ -370,7 +374,7 @@ CHOICES = {
     "train.resume": (False, True, "auto"),
     "data.normalize": ("dataset", "image", "image_channel"),
     "joint.binary_rule": ("argmax", "mass"),
-    "joint.cls_label": ("dominant", "count"),
+    "joint.cls_label": ("dominant", "count", "area"),
     "joint.cls_data": ("train", "separate"),
 }
 
@@ -459,6 +463,7 @@ RANGES: dict[str, Range] = {
     "joint.cls_contrast": NON_NEGATIVE,
     "joint.cls_saturation": NON_NEGATIVE,
     "joint.count_classes[]": NON_NEGATIVE,
+    "joint.area_edges[]": Range(0, 1, low_open=True, high_open=True),
 }
 
 

@@ -52,6 +52,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "frozen_stages": args.frozen_stages,
         "fuse": getattr(args, "fuse", None),
         "pretrained_lr": getattr(args, "pretrained_lr", None),
+        "val_interval": getattr(args, "val_interval", None),
+        "cls_batch_ratio": getattr(args, "cls_batch_ratio", None),
     }
 
 
@@ -169,7 +171,7 @@ def _add_run_options(p: argparse.ArgumentParser, out: str, what: str) -> None:
     g.add_argument("--train-scenes", type=int, help="training scenes")
     g.add_argument("--val-scenes", type=int, help="validation scenes")
     g.add_argument("--batch", type=int, help="batch per member")
-    g.add_argument("--lr", type=float, help="AdamW learning rate")
+    g.add_argument("--lr", type=float, help="learning rate (jointseg: the segmenter's SGD lr)")
     g.add_argument("--warmup", type=int, help="linear warm-up iterations")
     g.add_argument("--frozen-stages", type=int, help="shallowest backbone stages kept frozen")
     g.add_argument(
@@ -268,14 +270,22 @@ def add_bench_parsers(sub: Any) -> None:
 
     bj = bench_sub.add_parser(
         "jointseg",
-        help="JointSeg vs FCN-8s/U-Net (random init, ImageNet lite0), the paper's recipe, "
-        "classifier accuracy, random labels (quick: <= 45 min)",
+        help="JointSeg vs FCN-8s/U-Net (random init), the classifier agent vs alone, "
+        "random labels (quick: <= 20 min)",
     )
     _add_run_options(bj, "runs/bench-jointseg", "jointseg.md / jointseg.json / jointseg.png")
     bj.add_argument(
         "--pretrained-lr",
         type=float,
-        help="AdamW lr of the rows whose encoder starts pretrained (--lr: from random init)",
+        help="lr of the rows whose encoder starts pretrained (--lr: from random init)",
+    )
+    bj.add_argument(
+        "--val-interval",
+        type=int,
+        help="validate every N iterations (scores: the final and the best pass)",
+    )
+    bj.add_argument(
+        "--cls-batch-ratio", type=int, help="classifier batch = this x --batch (paper: 32)"
     )
     bj.add_argument(
         "--rows",

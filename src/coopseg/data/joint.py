@@ -1,19 +1,28 @@
 """Image-level labels for JointSeg's classifier agent, derived from FashionScenes.
 
 The classifier agent needs (image, class label) samples and no masks. FashionScenes
-stores per scene its ``dominant`` class (most labelled pixels) and the class of every
-visible object, so either becomes a label: ``dominant`` (11 classes, background = 0 for
-an empty scene) or ``count``, a 0..4 "severity grade" standing in for the paper's
-diabetic retinopathy levels (0 "no DR" ... 4 "proliferative DR").
+stores per scene its mask, its ``dominant`` class (most labelled pixels) and the class of
+every visible object, so each becomes a label: ``dominant`` (11 classes, background = 0
+for an empty scene), or a 0..4 "severity grade" standing in for the paper's diabetic
+retinopathy levels (0 "no DR" ... 4 "proliferative DR"), ``area`` or ``count``.
 
-The grade (ours; the paper's data are fundus images): the number of objects whose class
-is in ``count_classes``, the scene's "lesions". Every scene holds 1..4 objects, so
-counting all of them (``count_classes`` = 1..10) would leave grade 0 empty and the paper's
-binary test (level 0 normal, levels >= 1 abnormal) trivial. The default counts footwear
-(sandal 6, sneaker 8, ankle boot 10: 3 of the 10 classes): on the 2000-scene build grade
-0 ("no lesion") holds 44 % of the scenes, then 39, 14, 2 and 0.1 %, most frequent first as
-in the paper's EyePACS grades. A binary label (normal vs abnormal) groups labels: those
-listed in ``binary_normal`` are normal (paper: level 0), every other label abnormal.
+The paper's DR grade is defined by the very lesions its segmenter segments, so what the
+classifier learns is what the segmenter needs. ``area`` (ours, the bench's label) keeps
+that: the grade bins the share of the scene's pixels that belong to an object of any of
+the 10 classes (the mask's labels 1..10; the ignored border band does not count) at
+``area_edges`` (4 increasing fractions; grade g when edges[g-1] <= share < edges[g]).
+Objects keep their pixel size up to 128-px canvases, so the share depends on the scene
+size: the default edges (0.24, 0.29, 0.34, 0.41) are the 40/55/70/85 % quantiles of the
+64-px 2000-scene build (grades 40, 15, 15, 15, 15 %: grade 0 the most frequent, as in
+EyePACS, and the binary test balanced-ish); at 128 px (0.09, 0.12, 0.15, 0.19) give
+the same shares.
+
+``count`` (the previous default) is the number of objects whose class is in
+``count_classes``. Every scene holds 1..4 objects, so counting all of them would leave
+grade 0 empty; the default counts footwear (sandal 6, sneaker 8, ankle boot 10), which
+leaves seven of the segmenter's classes invisible to the grade. A binary label (normal vs
+abnormal) groups labels: those listed in ``binary_normal`` are normal (paper: level 0),
+every other label abnormal.
 
 Partial random labels (the paper's Section II-C): :func:`noisy_labels` replaces exactly
 ``round(n * p)`` labels by uniformly drawn ones (which may equal the true label by
@@ -23,6 +32,7 @@ chance, as random labels do), chosen and drawn from the seed alone.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -31,9 +41,11 @@ from torch.utils.data import Dataset
 from ..config import DataConfig
 from .fashionscenes import MAX_OBJECTS, NUM_CLASSES, FashionScenes
 
-CLS_LABELS = ("dominant", "count")
+CLS_LABELS = ("dominant", "count", "area")
 BINARY_RULES = ("argmax", "mass")
-FOOTWEAR = (6, 8, 10)  # sandal, sneaker, ankle boot: the default "lesion" classes
+FOOTWEAR = (6, 8, 10)  # sandal, sneaker, ankle boot: the count grade's default classes
+# area grade: the 40/55/70/85 % quantiles of the object-pixel share, 64-px build of 2000
+AREA_EDGES = (0.24, 0.29, 0.34, 0.41)
 
 
 def num_cls_classes(kind: str) -> int:
@@ -42,17 +54,43 @@ def num_cls_classes(kind: str) -> int:
         return NUM_CLASSES
     if kind == "count":
         return MAX_OBJECTS + 1
+    if kind == "area":
+        return len(AREA_EDGES) + 1
     raise ValueError(f"cls_label must be one of {list(CLS_LABELS)}, got {kind!r}")
 
 
+def check_area_edges(edges: Sequence[float]) -> None:
+    """Four strictly increasing fractions in (0, 1): the area grade's bin edges."""
+    values = list(edges)
+    ok = len(values) == len(AREA_EDGES) and all(0 < v < 1 for v in values)
+    if not ok or any(a >= b for a, b in pairwise(values)):
+        raise ValueError(
+            f"area_edges: expected {len(AREA_EDGES)} increasing fractions in (0, 1), got {values}"
+        )
+
+
+def object_share(masks: np.ndarray) -> np.ndarray:
+    """Per mask [N, H, W], the share of its pixels labelled with an object class (1..10)."""
+    masks = np.asarray(masks)
+    return ((masks >= 1) & (masks < NUM_CLASSES)).mean(axis=(1, 2))
+
+
 def scene_class_labels(
-    scenes: FashionScenes, kind: str, count_classes: Sequence[int] = FOOTWEAR
+    scenes: FashionScenes,
+    kind: str,
+    count_classes: Sequence[int] = FOOTWEAR,
+    area_edges: Sequence[float] = AREA_EDGES,
 ) -> np.ndarray:
-    """One int64 label per scene: its dominant class, or its grade (the number of its
-    objects whose class is in ``count_classes``)."""
+    """One int64 label per scene: its dominant class, or its grade (``area``: the bin of
+    its object-pixel share at ``area_edges``; ``count``: the number of its objects whose
+    class is in ``count_classes``)."""
     num_cls_classes(kind)  # validates kind
     if kind == "dominant":
         return np.asarray(scenes.dominant, dtype=np.int64)
+    if kind == "area":
+        check_area_edges(area_edges)
+        share = object_share(scenes.masks)
+        return np.searchsorted(np.asarray(area_edges), share, side="right").astype(np.int64)
     bad = [c for c in count_classes if not 1 <= c < NUM_CLASSES]
     if bad or not count_classes:
         raise ValueError(

@@ -50,6 +50,7 @@ from ..data.joint import (
     BINARY_RULES,
     ClassificationScenes,
     binary_labels,
+    check_area_edges,
     joint_scenes,
     noisy_labels,
     num_cls_classes,
@@ -94,6 +95,15 @@ def check_joint(cfg: Config) -> None:
             f"joint.count_classes: expected object classes in 1..{NUM_CLASSES - 1}, "
             f"got {j.count_classes}"
         )
+    try:
+        check_area_edges(j.area_edges)
+    except ValueError as exc:
+        raise ConfigError(f"joint.{exc}") from None
+    if j.cls_data == "separate" and j.cls_scene_seed == cfg.data.scene_seed:
+        raise ConfigError(
+            f"joint.cls_scene_seed: equals data.scene_seed ({j.cls_scene_seed}), so the "
+            "separate classifier scenes would repeat the segmenter's; choose another seed"
+        )
     if not 0.0 <= j.cls_hue <= 0.5:
         raise ConfigError(f"joint.cls_hue: expected in [0, 0.5], got {j.cls_hue}")
     for key in ("cls_contrast", "cls_saturation"):
@@ -111,6 +121,22 @@ def check_joint(cfg: Config) -> None:
             f"joint: classifier labels are derived from FashionScenes scenes; data.dataset "
             f"{cfg.data.dataset!r} has no image-level labels"
         )
+
+
+def classifier_scenes_root(cfg: Config) -> Path:
+    """Build (or reuse) the classifier's own scenes of ``joint.cls_data: separate``: the
+    training split of a FashionScenes build with ``joint.cls_scenes`` scenes and generator
+    seed ``joint.cls_scene_seed`` (scene i of a build depends on (seed, split, i) alone,
+    so another seed shares no scene with the segmenter's train or val split)."""
+    d, j = cfg.data, cfg.joint
+    return build_fashionscenes(
+        None,
+        size=d.scene_size,
+        train=j.cls_scenes,
+        val=1,
+        seed=j.cls_scene_seed,
+        source=Path(d.source) if d.source else None,
+    )
 
 
 # -- classifier evaluation ---------------------------------------------------------
@@ -162,7 +188,8 @@ def evaluate_classifier(
 
 def classifier_val_set(cfg: Config, val_set: FashionScenes) -> ClassificationScenes:
     """The validation scenes with their clean classifier labels."""
-    labels = scene_class_labels(val_set, cfg.joint.cls_label, cfg.joint.count_classes)
+    j = cfg.joint
+    labels = scene_class_labels(val_set, j.cls_label, j.count_classes, j.area_edges)
     return ClassificationScenes(val_set, labels)
 
 
@@ -203,6 +230,7 @@ def evaluate_classifier_checkpoint(
                 "binary_normal": cfg.joint.binary_normal,
                 "binary_rule": cfg.joint.binary_rule,
                 "count_classes": cfg.joint.count_classes,
+                "area_edges": cfg.joint.area_edges,
             }
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(report, indent=2))
@@ -294,25 +322,15 @@ class JointTrainer(TrainingLoop):
         """Scenes for the classifier (whole scenes, no rescale, so the label stays true;
         colour jitter on top of the data options), with ``joint.cls_label_noise`` of their
         labels replaced by random ones."""
-        d, j = self.cfg.data, self.cfg.joint
+        cfg, d, j = self.cfg, self.cfg.data, self.cfg.joint
         size = d.scene_size
         jitter = {"hue": j.cls_hue, "contrast": j.cls_contrast, "saturation": j.cls_saturation}
         transform = data_transform(
             d, "train", crop_size=[size, size], scale_range=[1.0, 1.0], jitter=jitter
         )
-        if j.cls_data == "train":
-            root = Path(self.train_set.root)
-        else:
-            root = build_fashionscenes(
-                None,
-                size=size,
-                train=j.cls_scenes,
-                val=1,
-                seed=j.cls_scene_seed,
-                source=Path(d.source) if d.source else None,
-            )
+        root = Path(self.train_set.root) if j.cls_data == "train" else classifier_scenes_root(cfg)
         scenes = FashionScenes(root, "train", transform)
-        clean = scene_class_labels(scenes, j.cls_label, j.count_classes)
+        clean = scene_class_labels(scenes, j.cls_label, j.count_classes, j.area_edges)
         labels, replaced = noisy_labels(
             clean, j.cls_label_noise, self.num_cls_classes, self.cfg.seed
         )
@@ -439,6 +457,7 @@ __all__ = [
     "JointResult",
     "JointTrainer",
     "check_joint",
+    "classifier_scenes_root",
     "evaluate_classifier",
     "evaluate_classifier_checkpoint",
     "train_joint",

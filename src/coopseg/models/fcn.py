@@ -35,6 +35,9 @@ leave it smaller, and then it is resized bilinearly instead (``fit_to``).
 
 Encoders: a timm model name, or any module following the protocol of
 ``coopseg.models.backbones.resolve_encoder`` with maps at strides 8, 16 and 32.
+``strides`` (default ``(8, 16, 32)``) names the three maps fused, each twice the last;
+``(4, 8, 16)`` (ours, the JointSeg bench's 64-px scenes) is the same net one level
+shallower, so that its deepest map stays 4x4 rather than 2x2, with a final 4x upsampling.
 
 Taps, in execution order: ``head`` (fc7 output, stride 32) -> ``score32`` (score_fr
 output) -> ``score16`` (fused stride-16 scores) -> ``score8`` (fused stride-8 scores).
@@ -135,21 +138,25 @@ class FCN8s(TappedNetwork):
         dropout: float = 0.5,
         zero_init_scores: bool = True,
         extra_channels: Mapping[str, int] | None = None,
+        strides: Sequence[int] = (8, 16, 32),
     ) -> None:
         super().__init__()
         if head_kernel < 1 or head_kernel % 2 == 0:
             raise ValueError(f"head_kernel must be odd ('same' padding), got {head_kernel}")
+        s3, s4, s5 = (int(v) for v in strides) if len(strides) == 3 else (0, 0, 0)
+        if s3 < 1 or s4 != 2 * s3 or s5 != 2 * s4:
+            raise ValueError(f"strides: expected three strides, each twice the last, got {strides}")
         self.backbone = resolve_encoder(backbone, pretrained=pretrained)
-        self.pool3_index = feature_index(self.backbone, 8)
-        self.pool4_index = feature_index(self.backbone, 16)
-        self.pool5_index = feature_index(self.backbone, 32)
+        self.pool3_index = feature_index(self.backbone, s3)
+        self.pool4_index = feature_index(self.backbone, s4)
+        self.pool5_index = feature_index(self.backbone, s5)
         channels = self.backbone.feature_info.channels()
         self.num_classes = num_classes
         self.tap_info = {
-            "head": TapInfo(head_channels, 32),
-            "score32": TapInfo(num_classes, 32),
-            "score16": TapInfo(num_classes, 16),
-            "score8": TapInfo(num_classes, 8),
+            "head": TapInfo(head_channels, s5),
+            "score32": TapInfo(num_classes, s5),
+            "score16": TapInfo(num_classes, s4),
+            "score8": TapInfo(num_classes, s3),
         }
         extra = check_extra_channels(extra_channels, self.tap_info, "fcn8s")
         self.extra_channels = extra
@@ -165,9 +172,9 @@ class FCN8s(TappedNetwork):
         )
         self.upscore8: nn.Module
         if extra.get("score8", 0):
-            self.upscore8 = bilinear_upsampler(num_classes + extra["score8"], num_classes, 8)
+            self.upscore8 = bilinear_upsampler(num_classes + extra["score8"], num_classes, s3)
         else:
-            self.upscore8 = BilinearUpsample(num_classes, 8)
+            self.upscore8 = BilinearUpsample(num_classes, s3)
 
         for m in (*self.fc6.modules(), *self.fc7.modules()):
             if isinstance(m, nn.Conv2d):

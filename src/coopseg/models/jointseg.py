@@ -84,7 +84,13 @@ def _per_level(value: int | Sequence[int], levels: int, name: str) -> list[int]:
 
 
 class JointSegEncoder(nn.Module):
-    """The shared encoder M; returns the last map of every level, shallow to deep."""
+    """The shared encoder M; returns the last map of every level, shallow to deep.
+
+    It initialises itself (He fan-out, BN to identity: :func:`init_head`), so JointSeg and
+    every baseline that wraps it (FCN-8s, U-Net) start from one init: built right after
+    the same ``torch.manual_seed``, their encoders hold the same weights. (PyTorch's
+    default conv init is ~2.5x smaller, which under AdamW changes the relative step size.)
+    """
 
     def __init__(
         self,
@@ -110,6 +116,7 @@ class JointSegEncoder(nn.Module):
         self.feature_info = EncoderFeatureInfo(
             widths, [stem_stride * 2**i for i in range(len(widths))]
         )
+        init_head([self])
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
@@ -248,7 +255,8 @@ class JointSeg(TappedNetwork):
         for n, (level, width) in enumerate(zip(targets, dec, strict=True)):
             self.tap_info[f"decoder.{n}"] = TapInfo(width, 1 if level is None else strides[level])
 
-        init_head([self])
+        # the encoder initialised itself, first: the same seed gives the baselines' weights
+        init_head([*self.agent_modules("cls"), *self.agent_modules("seg")])
 
     # -- the three parameter groups ------------------------------------------------
     def agent_modules(self, part: str) -> list[nn.Module]:
