@@ -145,6 +145,8 @@ MODES: dict[str, dict[str, Any]] = {
         ],
     },
 }
+# The claims register (``coopseg bench register``): the full budget on the claim rows.
+MODES["register"] = {**MODES["full"], "rows": list(CLAIM_ROWS)}
 SETTING_KEYS = (
     "iterations",
     "scene_size",
