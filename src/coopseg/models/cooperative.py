@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hub_mixin import HubMixin
 from .taps import TapInfo, TapStream
 
 PRESETS = (
@@ -258,7 +259,7 @@ def _resize(fmap: torch.Tensor, size: torch.Size) -> torch.Tensor:
     return F.interpolate(fmap, size=size, mode="bilinear", align_corners=False)
 
 
-class CooperativeNet(nn.Module):
+class CooperativeNet(nn.Module, HubMixin):
     """K member networks and the links between them.
 
     ``forward`` returns, in training mode, every member's outputs prefixed with its
