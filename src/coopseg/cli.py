@@ -87,7 +87,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         val_ratio=args.val_ratio,
         split_seed=args.split_seed,
     )
-    reports = check_dataset(cfg, args.split or ["train", "val"])
+    reports = check_dataset(cfg, args.split or ["train", "val"], args.bands)
     if args.json:
         print(reports_json(reports))
     else:
@@ -400,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--sbd-root", help="voc: SBD benchmark_RELEASE folder (for train_aug)")
     ck.add_argument("--val-ratio", type=float, default=0.1, help="folder without splits/")
     ck.add_argument("--split-seed", type=int, default=0, help="folder without splits/")
+    ck.add_argument(
+        "--bands", type=int, help="band count every image must have (default: the most common)"
+    )
     ck.add_argument("--json", action="store_true", help="print one JSON object")
     ck.set_defaults(func=cmd_data_check)
     pp = data_sub.add_parser("prepare", help="cache mapped label files (Cityscapes train ids)")

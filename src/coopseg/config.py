@@ -84,8 +84,12 @@ class DataConfig:
     # dataset (mean/std above) | image (per-image standardisation: one mean/std over all
     # pixels and channels, as tf.image.per_image_standardization) | image_channel (per channel)
     normalize: str = "dataset"
+    # one value per band: 3 (RGB) or, for N-band .npy / .tif folder data, N (= model.in_chans)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # N-band images: the three bands (0-based) drawn as red, green, blue in predict
+    # overlays and the report; null = the first three
+    rgb_bands: list[int] | None = None
 
 
 @dataclass
@@ -579,6 +583,39 @@ def _check_loss(t: TrainConfig, classes: Any) -> None:
         )
 
 
+def model_bands(model: dict[str, Any]) -> int:
+    """The image channels a model section reads (``in_chans``; a cooperative model's
+    members all read the same image)."""
+    if "in_chans" in model:
+        return int(model["in_chans"])
+    members = model.get("members") if model.get("arch") == "cooperative" else None
+    if isinstance(members, list) and members and isinstance(members[0], dict):
+        return int(members[0].get("in_chans", 3))
+    return 3
+
+
+def _check_bands(cfg: Config) -> None:
+    d = cfg.data
+    bands = model_bands(cfg.model)
+    for key, values in (("data.mean", d.mean), ("data.std", d.std)):
+        if len(values) != bands:
+            raise ConfigError(
+                f"{key}: expected {bands} values, one per band the model reads "
+                f"(model.in_chans {bands}), got {values}"
+            )
+    if bands != 3 and d.dataset != "folder":
+        raise ConfigError(
+            f"model.in_chans: {bands} bands; images with other than 3 bands are read by "
+            f"the folder data set only (data.dataset: folder), not {d.dataset}"
+        )
+    if d.rgb_bands is not None and (
+        len(d.rgb_bands) != 3 or not all(0 <= b < bands for b in d.rgb_bands)
+    ):
+        raise ConfigError(
+            f"data.rgb_bands: expected 3 band indices in [0, {bands}), got {d.rgb_bands}"
+        )
+
+
 def _check_values(cfg: Config) -> None:
     """Ranges and lengths the type check cannot see; each error names its key."""
     t, e, d = cfg.train, cfg.eval, cfg.data
@@ -590,9 +627,7 @@ def _check_values(cfg: Config) -> None:
         )
     if d.scale_set is not None and not d.scale_set:
         raise ConfigError("data.scale_set: expected a non-empty list of factors, or null")
-    for key, values in (("data.mean", d.mean), ("data.std", d.std)):
-        if len(values) != 3:
-            raise ConfigError(f"{key}: expected 3 values (R, G, B), got {values}")
+    _check_bands(cfg)
     if t.nesterov and (t.optimizer != "sgd" or t.momentum == 0):
         raise ConfigError(
             f"train.nesterov: needs train.optimizer sgd with train.momentum > 0, "

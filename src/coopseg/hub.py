@@ -359,7 +359,7 @@ coopseg predict photo.jpg --checkpoint {{ repo }} --out masks/
 coopseg export {{ repo }} --out model.onnx
 ```
 
-Inputs: RGB in [0, 1], normalised with {{ norm }}.
+Inputs: {{ inputs }} in [0, 1], normalised with {{ norm }}.
 
 ## Training
 
@@ -443,6 +443,7 @@ def model_card(
         repo=repo_id or "path/to/this/folder",
         num_classes=len(names),
         norm=_norm(meta),
+        inputs="RGB" if len(meta["mean"]) == 3 else f"{len(meta['mean'])} bands (`in_chans`)",
         training=_training(cfg, from_run),
         license=_license_text(license),
     )

@@ -289,6 +289,7 @@ class CooperativeNet(nn.Module, HubMixin):
         multiple_aggregate: str = "concat",
         fuse: str = "mean_prob",
         report: str = "auto",
+        in_chans: int | None = None,
     ) -> None:
         super().__init__()
         from . import create_model  # the same table single models come from
@@ -311,6 +312,14 @@ class CooperativeNet(nn.Module, HubMixin):
                 spec.setdefault("num_classes", num_classes)
             if pretrained is not None:
                 spec["pretrained"] = pretrained
+            if in_chans is not None:
+                spec.setdefault("in_chans", in_chans)
+        bands = {int(spec.get("in_chans", 3)) for spec in specs}
+        if len(bands) > 1:
+            raise ValueError(
+                f"model.members: every member reads the same image; in_chans differ: {bands}"
+            )
+        self.in_chans = bands.pop()
         if len(set(names)) != len(names):
             raise ValueError(f"model.members: member names must be unique, got {names}")
         if {FUSED, "out"} & set(names):

@@ -135,11 +135,13 @@ class FCN8s(TappedNetwork):
         dropout: float = 0.5,
         zero_init_scores: bool = True,
         extra_channels: Mapping[str, int] | None = None,
+        in_chans: int = 3,
     ) -> None:
         super().__init__()
         if head_kernel < 1 or head_kernel % 2 == 0:
             raise ValueError(f"head_kernel must be odd ('same' padding), got {head_kernel}")
-        self.backbone = resolve_encoder(backbone, pretrained=pretrained)
+        self.in_chans = in_chans
+        self.backbone = resolve_encoder(backbone, pretrained=pretrained, in_chans=in_chans)
         self.pool3_index = feature_index(self.backbone, 8)
         self.pool4_index = feature_index(self.backbone, 16)
         self.pool5_index = feature_index(self.backbone, 32)
