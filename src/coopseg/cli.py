@@ -87,7 +87,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         val_ratio=args.val_ratio,
         split_seed=args.split_seed,
     )
-    reports = check_dataset(cfg, args.split or ["train", "val"])
+    reports = check_dataset(cfg, args.split or ["train", "val"], args.bands)
     if args.json:
         print(reports_json(reports))
     else:
@@ -120,6 +120,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"run folder {result.run_dir}"
         )
     return 0
+
+
+def default_eval_json(checkpoint: str) -> Path:
+    """``eval.json`` beside a checkpoint file, inside a model folder, here for a repo id."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        return path / "eval.json"
+    return path.parent / "eval.json" if path.exists() else Path("eval.json")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -155,7 +163,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cfg.eval.scales = list(args.scales)
     if args.flip:
         cfg.eval.flip = True
-    json_path = Path(args.json) if args.json else Path(args.checkpoint).parent / "eval.json"
+    json_path = Path(args.json) if args.json else default_eval_json(args.checkpoint)
     from .engine.evaluate import evaluate_checkpoint
 
     saved = Path(args.save_predictions) if args.save_predictions else None
@@ -228,11 +236,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .config import ConfigError
     from .engine.export import ExportError, export_checkpoint
+    from .hub import checkpoint_of, export_hub
 
+    if args.format == "hub":
+        onnx_only = [
+            flag
+            for flag, value in (
+                ("--input-size", args.input_size),
+                ("--dynamic", args.dynamic),
+                ("--output", args.output),
+                ("--all-outputs", args.all_outputs),
+                ("--opset", args.opset),
+            )
+            if value
+        ]
+        if onnx_only:
+            raise ConfigError(f"{onnx_only[0]} applies to --format onnx, not hub")
+        folder = export_hub(args.checkpoint, args.out, license=args.license)
+        print(f"wrote {folder} (config.json, model.safetensors, README.md)")
+        return 0
     try:
         report = export_checkpoint(
-            args.checkpoint,
+            checkpoint_of(args.checkpoint),
             args.out,
             input_size=args.input_size,
             dynamic=args.dynamic,
@@ -373,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--sbd-root", help="voc: SBD benchmark_RELEASE folder (for train_aug)")
     ck.add_argument("--val-ratio", type=float, default=0.1, help="folder without splits/")
     ck.add_argument("--split-seed", type=int, default=0, help="folder without splits/")
+    ck.add_argument(
+        "--bands", type=int, help="band count every image must have (default: the most common)"
+    )
     ck.add_argument("--json", action="store_true", help="print one JSON object")
     ck.set_defaults(func=cmd_data_check)
     pp = data_sub.add_parser("prepare", help="cache mapped label files (Cityscapes train ids)")
@@ -405,7 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on the validation set")
     ev.add_argument("config", nargs="?", help="YAML config (default: the checkpoint's own)")
-    ev.add_argument("--checkpoint", required=True, help=".safetensors or .pt checkpoint")
+    ev.add_argument(
+        "--checkpoint",
+        required=True,
+        help=".safetensors or .pt checkpoint, or a model folder / Hub repo id (save_pretrained)",
+    )
     _add_set(ev)
     ev.add_argument("--scales", type=float, nargs="+", help="multi-scale inference, e.g. 0.5 1 2")
     ev.add_argument("--flip", action="store_true", help="average with horizontally flipped input")
@@ -428,7 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="segment image files with a trained checkpoint")
     pr.add_argument("inputs", nargs="+", help="image files or folders")
-    pr.add_argument("--checkpoint", help=".safetensors or .pt checkpoint (pytorch backend)")
+    pr.add_argument(
+        "--checkpoint",
+        help=".safetensors or .pt checkpoint, or a model folder / Hub repo id (pytorch backend)",
+    )
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("--scales", type=float, nargs="+")
     pr.add_argument("--flip", action="store_true")
@@ -454,10 +491,26 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_predict)
 
     ex = sub.add_parser(
-        "export", help="write a checkpoint as an ONNX graph, checked against PyTorch"
+        "export",
+        help="write a checkpoint as an ONNX graph, checked against PyTorch, or as a "
+        "Hugging Face model folder (--format hub)",
     )
-    ex.add_argument("checkpoint", help=".safetensors or .pt checkpoint")
-    ex.add_argument("--out", required=True, help="the .onnx file to write")
+    ex.add_argument(
+        "checkpoint",
+        metavar="RUN_OR_CKPT",
+        help="a run folder (its best checkpoint), a .safetensors or .pt checkpoint, or a "
+        "model folder / Hub repo id",
+    )
+    ex.add_argument(
+        "--out", required=True, help="the .onnx file to write (--format hub: the folder)"
+    )
+    ex.add_argument(
+        "--format",
+        choices=["onnx", "hub"],
+        default="onnx",
+        help="onnx: an ONNX graph; hub: config.json + model.safetensors + README.md",
+    )
+    ex.add_argument("--license", default="mit", help="--format hub: the model card's license")
     ex.add_argument(
         "--input-size",
         type=int,

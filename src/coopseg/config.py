@@ -84,8 +84,58 @@ class DataConfig:
     # dataset (mean/std above) | image (per-image standardisation: one mean/std over all
     # pixels and channels, as tf.image.per_image_standardization) | image_channel (per channel)
     normalize: str = "dataset"
+    # one value per band: 3 (RGB) or, for N-band .npy / .tif folder data, N (= model.in_chans)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # N-band images: the three bands (0-based) drawn as red, green, blue in predict
+    # overlays and the report; null = the first three
+    rgb_bands: list[int] | None = None
+
+
+@dataclass
+class CrossEntropyLossConfig:
+    """``train.loss.ce``: cross-entropy, the default term."""
+
+    weight: float = 1.0  # 0 turns the term off
+    class_weights: list[float] | None = None  # weight per class; null = all 1
+    ohem_thresh: float | None = None  # OHEM: train on pixels whose true-class prob < this
+    ohem_min_kept: int = 0  # OHEM: plus at least this many hardest labelled pixels per image
+    label_smoothing: float = 0.0  # target (1 - e) on the true class + e / C on every class
+
+
+@dataclass
+class DiceLossConfig:
+    """``train.loss.dice``: soft Dice over the classes (segmentation_models.pytorch)."""
+
+    weight: float = 0.0  # 0: off
+    smooth: float = 0.0  # added to numerator and denominator
+
+
+@dataclass
+class FocalLossConfig:
+    """``train.loss.focal``: softmax focal loss (Lin et al. 2017)."""
+
+    weight: float = 0.0  # 0: off
+    gamma: float = 2.0  # focusing power; 0 is cross-entropy
+    class_weights: list[float] | None = None  # alpha per class; null = all 1
+
+
+@dataclass
+class LovaszLossConfig:
+    """``train.loss.lovasz``: Lovász-softmax, a surrogate of the mean IoU (smp)."""
+
+    weight: float = 0.0  # 0: off
+    per_image: bool = False  # per image, then averaged (false: over the batch)
+
+
+@dataclass
+class LossConfig:
+    """``train.loss``: the training loss, a weighted sum of these terms on every head."""
+
+    ce: CrossEntropyLossConfig = field(default_factory=CrossEntropyLossConfig)
+    dice: DiceLossConfig = field(default_factory=DiceLossConfig)
+    focal: FocalLossConfig = field(default_factory=FocalLossConfig)
+    lovasz: LovaszLossConfig = field(default_factory=LovaszLossConfig)
 
 
 @dataclass
@@ -131,9 +181,11 @@ class TrainConfig:
     resume: bool | str = False
     log_interval: int = 10
     max_time_s: float = 0.0  # stop (and checkpoint) after this many seconds; 0 = no limit
-    class_weights: list[float] | None = None  # cross-entropy weight per class; null = all 1
-    ohem_thresh: float | None = None  # OHEM: train on pixels whose true-class prob < this
-    ohem_min_kept: int = 0  # OHEM: plus at least this many hardest labelled pixels per image
+    loss: LossConfig = field(default_factory=LossConfig)
+    # the keys before train.loss, still read: the same as train.loss.ce.<key>
+    class_weights: list[float] | None = None
+    ohem_thresh: float | None = None
+    ohem_min_kept: int = 0
     # whole-model start: weights of a coopseg checkpoint (.pt / .safetensors) of the same
     # model, loaded before training (e.g. DF-DAM's VOC trainval fine-tune); null = none
     init_from: str | None = None
@@ -450,6 +502,14 @@ RANGES: dict[str, Range] = {
     "train.log_interval": AT_LEAST_ONE,
     "train.max_time_s": NON_NEGATIVE,  # 0: no limit
     "train.ohem_min_kept": NON_NEGATIVE,
+    "train.loss.ce.weight": NON_NEGATIVE,
+    "train.loss.ce.ohem_min_kept": NON_NEGATIVE,
+    "train.loss.ce.label_smoothing": Range(0, 1, high_open=True),
+    "train.loss.dice.weight": NON_NEGATIVE,
+    "train.loss.dice.smooth": NON_NEGATIVE,
+    "train.loss.focal.weight": NON_NEGATIVE,
+    "train.loss.focal.gamma": NON_NEGATIVE,
+    "train.loss.lovasz.weight": NON_NEGATIVE,
     "eval.scales[]": POSITIVE,
     "eval.window_batch": AT_LEAST_ONE,
     "joint.cls_lr_ratio": POSITIVE,
@@ -494,6 +554,90 @@ def _check_pair(value: list[int] | None, key: str) -> None:
         raise ConfigError(f"{key}: expected [height, width], both positive, got {value}")
 
 
+def _check_class_weights(weights: list[float] | None, classes: Any, key: str) -> None:
+    if weights is None:
+        return
+    if classes is not None and len(weights) != classes:
+        raise ConfigError(
+            f"{key}: expected {classes} weights (model.num_classes), got {len(weights)}"
+        )
+    if min(weights, default=0.0) < 0 or sum(weights) <= 0:
+        raise ConfigError(f"{key}: expected non-negative weights, not all zero, got {weights}")
+
+
+def _check_loss(t: TrainConfig, classes: Any) -> None:
+    """``train.loss`` and the cross-entropy keys before it (``train.class_weights``, …)."""
+    ce = t.loss.ce
+    for prefix, weights, thresh, kept in (
+        ("train", t.class_weights, t.ohem_thresh, t.ohem_min_kept),
+        ("train.loss.ce", ce.class_weights, ce.ohem_thresh, ce.ohem_min_kept),
+    ):
+        _check_class_weights(weights, classes, f"{prefix}.class_weights")
+        if thresh is not None and not 0.0 < thresh <= 1.0:
+            raise ConfigError(
+                f"{prefix}.ohem_thresh: expected a probability in (0, 1], got {thresh}"
+            )
+        if kept < 0:
+            raise ConfigError(f"{prefix}.ohem_min_kept: expected >= 0, got {kept}")
+        if kept and thresh is None:
+            raise ConfigError(
+                f"{prefix}.ohem_min_kept is set but {prefix}.ohem_thresh is not (OHEM is off)"
+            )
+    old = [k for k in ("class_weights", "ohem_thresh") if getattr(t, k) is not None]
+    old += ["ohem_min_kept"] if t.ohem_min_kept else []
+    new = [k for k in ("class_weights", "ohem_thresh") if getattr(ce, k) is not None]
+    new += ["ohem_min_kept"] if ce.ohem_min_kept else []
+    if old and new:
+        raise ConfigError(
+            f"train.{old[0]} and train.loss.ce.{new[0]} are both set: the train.class_weights "
+            "and train.ohem_* keys are the old names of train.loss.ce's; use one set"
+        )
+    _check_class_weights(t.loss.focal.class_weights, classes, "train.loss.focal.class_weights")
+    weights = {name: getattr(t.loss, name).weight for name in ("ce", "dice", "focal", "lovasz")}
+    if not any(weights.values()):
+        raise ConfigError(f"train.loss: every term's weight is 0, nothing to train on: {weights}")
+    uses_ce = t.class_weights is not None or t.ohem_thresh is not None
+    uses_ce = uses_ce or ce.class_weights is not None or ce.ohem_thresh is not None
+    if not ce.weight and (uses_ce or ce.label_smoothing):
+        raise ConfigError(
+            "train.loss.ce.weight is 0 but cross-entropy options are set (class_weights, "
+            "ohem_*, label_smoothing); they would do nothing"
+        )
+
+
+def model_bands(model: dict[str, Any]) -> int:
+    """The image channels a model section reads (``in_chans``; a cooperative model's
+    members all read the same image)."""
+    if "in_chans" in model:
+        return int(model["in_chans"])
+    members = model.get("members") if model.get("arch") == "cooperative" else None
+    if isinstance(members, list) and members and isinstance(members[0], dict):
+        return int(members[0].get("in_chans", 3))
+    return 3
+
+
+def _check_bands(cfg: Config) -> None:
+    d = cfg.data
+    bands = model_bands(cfg.model)
+    for key, values in (("data.mean", d.mean), ("data.std", d.std)):
+        if len(values) != bands:
+            raise ConfigError(
+                f"{key}: expected {bands} values, one per band the model reads "
+                f"(model.in_chans {bands}), got {values}"
+            )
+    if bands != 3 and d.dataset != "folder":
+        raise ConfigError(
+            f"model.in_chans: {bands} bands; images with other than 3 bands are read by "
+            f"the folder data set only (data.dataset: folder), not {d.dataset}"
+        )
+    if d.rgb_bands is not None and (
+        len(d.rgb_bands) != 3 or not all(0 <= b < bands for b in d.rgb_bands)
+    ):
+        raise ConfigError(
+            f"data.rgb_bands: expected 3 band indices in [0, {bands}), got {d.rgb_bands}"
+        )
+
+
 def _check_values(cfg: Config) -> None:
     """Ranges and lengths the type check cannot see; each error names its key."""
     t, e, d = cfg.train, cfg.eval, cfg.data
@@ -505,9 +649,7 @@ def _check_values(cfg: Config) -> None:
         )
     if d.scale_set is not None and not d.scale_set:
         raise ConfigError("data.scale_set: expected a non-empty list of factors, or null")
-    for key, values in (("data.mean", d.mean), ("data.std", d.std)):
-        if len(values) != 3:
-            raise ConfigError(f"{key}: expected 3 values (R, G, B), got {values}")
+    _check_bands(cfg)
     _check_schedule(t)
     if cfg.model.get("arch") == "jointseg" and (t.ema_decay or t.precise_bn_batches):
         key = "ema_decay" if t.ema_decay else "precise_bn_batches"
@@ -517,26 +659,7 @@ def _check_values(cfg: Config) -> None:
             f"train.nesterov: needs train.optimizer sgd with train.momentum > 0, "
             f"got {t.optimizer} with momentum {t.momentum}"
         )
-    if t.class_weights is not None:
-        classes = cfg.model.get("num_classes")
-        if classes is not None and len(t.class_weights) != classes:
-            raise ConfigError(
-                f"train.class_weights: expected {classes} weights (model.num_classes), "
-                f"got {len(t.class_weights)}"
-            )
-        if min(t.class_weights, default=0.0) < 0 or sum(t.class_weights) <= 0:
-            raise ConfigError(
-                f"train.class_weights: expected non-negative weights, not all zero, "
-                f"got {t.class_weights}"
-            )
-    if t.ohem_thresh is not None and not 0.0 < t.ohem_thresh <= 1.0:
-        raise ConfigError(
-            f"train.ohem_thresh: expected a probability in (0, 1], got {t.ohem_thresh}"
-        )
-    if t.ohem_min_kept < 0:
-        raise ConfigError(f"train.ohem_min_kept: expected >= 0, got {t.ohem_min_kept}")
-    if t.ohem_min_kept and t.ohem_thresh is None:
-        raise ConfigError("train.ohem_min_kept is set but train.ohem_thresh is not (OHEM is off)")
+    _check_loss(t, cfg.model.get("num_classes"))
     _check_pair(e.crop_size, "eval.crop_size")
     _check_pair(e.stride, "eval.stride")
     if e.stride is not None:

@@ -42,6 +42,7 @@ from .visualize import (
     SEVERAL_RIGHT_COLOUR,
     colorize,
     disagreement_map,
+    display_rgb,
     error_map,
     member_colour,
     upscale,
@@ -291,7 +292,7 @@ def analyse_samples(
         x, y = val_set[i]
         target = y.numpy().astype(np.uint8)
         expl = analyse(model, x[None].to(device), target)
-        rgb = np.ascontiguousarray(val_set.load(i)[0], dtype=np.uint8)
+        rgb = np.ascontiguousarray(display_rgb(val_set.load(i)[0], cfg.data.rgb_bands))
         out.append(Sample(val_set.sample_name(i), rgb, target, expl))
     return out
 

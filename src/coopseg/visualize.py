@@ -31,6 +31,25 @@ def palette_image(mask: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.I
     return img
 
 
+def display_rgb(image: np.ndarray, bands: Sequence[int] | None = None) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` to look at: an RGB uint8 image as it is; an N-band float image
+    as the three ``bands`` (default the first three; fewer than three: the first, grey),
+    each stretched between its 2nd and 98th percentile (remote-sensing practice: raw
+    reflectances are dark)."""
+    if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and bands is None:
+        return image
+    picked = list(bands) if bands is not None else list(range(min(3, image.shape[2])))
+    while len(picked) < 3:
+        picked.append(picked[0])
+    out = np.empty((*image.shape[:2], 3), dtype=np.uint8)
+    for i, band in enumerate(picked):
+        values = image[..., band].astype(np.float32)
+        low, high = np.percentile(values, [2, 98])
+        scaled = (values - low) / max(float(high - low), 1e-12)
+        out[..., i] = np.clip(scaled * 255 + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
 def overlay(image: np.ndarray, mask_rgb: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     blended = (1 - alpha) * image.astype(np.float32) + alpha * mask_rgb.astype(np.float32)
     return blended.round().clip(0, 255).astype(np.uint8)

@@ -36,9 +36,11 @@ def open_dataset(
         from .folder import FolderDataset
 
         root, _ = resolve_root(cfg.root, "folder")
-        return FolderDataset(
+        dataset = FolderDataset(
             root, split, transform, cfg.classes_file, cfg.val_ratio, cfg.split_seed, strict
         )
+        dataset.bands = len(cfg.mean)  # N-band images: .npy / .tif, data.mean per band
+        return dataset
     raise ConfigError(f"data.dataset: unknown data set {cfg.dataset!r}; one of {list(DATASETS)}")
 
 

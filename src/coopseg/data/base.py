@@ -47,6 +47,7 @@ class SegmentationDataset(Dataset):
     class_names: Sequence[str] = ()
     palette: np.ndarray = np.zeros((0, 3), dtype=np.uint8)
     ignore_index: int = IGNORE_INDEX
+    bands: int = 3  # image channels (len(data.mean)); not 3: float32 images in [0, 1]
 
     def __init__(self, transform: Transform | None = None) -> None:
         self.transform = transform
@@ -82,23 +83,39 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.load(index)
-        check_pair(image, mask, self.num_classes, self.ignore_index, self.describe(index))
+        check_pair(
+            image, mask, self.num_classes, self.ignore_index, self.describe(index), self.bands
+        )
         img_t = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
         mask_t = tv_tensors.Mask(torch.from_numpy(mask.astype(np.int64, copy=False)))
         if self.transform is not None:
             img_out, mask_out = self.transform(img_t, mask_t)
         else:
-            img_out, mask_out = img_t.float().div_(255.0), mask_t
+            img_out = img_t.float().div_(255.0) if image.dtype == np.uint8 else img_t.float()
+            mask_out = mask_t
         return img_out.as_subclass(torch.Tensor), mask_out.as_subclass(torch.Tensor).long()
 
 
 def check_pair(
-    image: np.ndarray, mask: np.ndarray, num_classes: int, ignore_index: int, name: str
+    image: np.ndarray,
+    mask: np.ndarray,
+    num_classes: int,
+    ignore_index: int,
+    name: str,
+    bands: int = 3,
 ) -> None:
     """Raise :class:`DataError` naming ``name`` if the image/mask pair is unusable."""
-    if image.ndim != 3 or image.shape[2] != 3:
+    if image.ndim != 3 or image.shape[2] != bands:
+        if bands == 3:
+            raise DataError(
+                f"{name}: image must be RGB (H, W, 3), got shape {tuple(image.shape)}",
+                "bad_format",
+            )
+        got = image.shape[2] if image.ndim == 3 else 1
         raise DataError(
-            f"{name}: image must be RGB (H, W, 3), got shape {tuple(image.shape)}", "bad_format"
+            f"{name}: image has {got} bands, the config expects {bands} "
+            "(len(data.mean), model.in_chans)",
+            "bad_format",
         )
     if mask.ndim != 2:
         raise DataError(

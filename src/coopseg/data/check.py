@@ -11,7 +11,9 @@ stop a run hours in. This check reads everything and reports, per split:
   or mask mode), ``size_mismatch`` (mask and image sizes differ), ``bad_label``
   (values outside the class set, unknown colours or label ids);
 * the class pixel histogram and how many images contain each class, image sizes,
-  and warnings (classes never seen in the split).
+  band counts (an image whose band count differs from ``--bands``, or without it
+  from the most common count, is a ``bad_format`` error), and warnings (classes
+  never seen in the split).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 
 from ..config import ConfigError, DataConfig
 from .base import DataError, SegmentationDataset, check_pair
-from .files import FileDataset, Problem, read_rgb
+from .files import FileDataset, Problem, read_image
 
 
 @dataclass
@@ -41,6 +43,7 @@ class SplitReport:
     images: list[int] = field(default_factory=list)  # images containing each class
     ignore_pixels: int = 0
     sizes: dict[str, int] = field(default_factory=dict)  # "WxH" -> number of images
+    bands: dict[str, int] = field(default_factory=dict)  # band count -> number of images
     errors: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -71,6 +74,9 @@ class SplitReport:
             sizes = ", ".join(f"{s} x{n}" for s, n in common)
             more = f" (+{len(self.sizes) - 5} more)" if len(self.sizes) > 5 else ""
             lines.append(f"image sizes: {sizes}{more}")
+        if self.bands:
+            counts = ", ".join(f"{b} x{n}" for b, n in sorted(self.bands.items()))
+            lines.append(f"bands: {counts}")
         lines += [f"warning: {w}" for w in self.warnings]
         if self.errors:
             counts = ", ".join(f"{k} {n}" for k, n in Counter(p.kind for p in self.errors).items())
@@ -90,7 +96,7 @@ def _read(dataset: SegmentationDataset, index: int) -> tuple[list[DataError], tu
             return [err], None
     errors, image, mask = [], None, None
     try:
-        image = read_rgb(dataset.images[index])
+        image = read_image(dataset.images[index], None)  # .npy / .tif: every band
     except DataError as err:
         errors.append(err)
     try:
@@ -100,13 +106,17 @@ def _read(dataset: SegmentationDataset, index: int) -> tuple[list[DataError], tu
     return errors, None if errors else (image, mask)
 
 
-def check_split(dataset: SegmentationDataset, report: SplitReport) -> SplitReport:
-    """Read every sample of ``dataset`` and add what was found to ``report``."""
+def check_split(
+    dataset: SegmentationDataset, report: SplitReport, bands: int | None = None
+) -> SplitReport:
+    """Read every sample of ``dataset`` and add what was found to ``report``; ``bands``:
+    the band count every image must have (default: the most common one)."""
     k = dataset.num_classes
     report.class_names = list(dataset.class_names)
     pixels = np.zeros(256, dtype=np.int64)
     images = np.zeros(256, dtype=np.int64)
     sizes: Counter[str] = Counter()
+    band_counts: dict[str, int] = {}  # sample name -> its band count
     report.samples = len(dataset)
     for i in range(len(dataset)):
         name = dataset.describe(i)
@@ -114,7 +124,8 @@ def check_split(dataset: SegmentationDataset, report: SplitReport) -> SplitRepor
         if pair is not None:
             image, mask = pair
             try:
-                check_pair(image, mask, k, dataset.ignore_index, name)
+                band_counts[name] = image.shape[2] if image.ndim == 3 else 1
+                check_pair(image, mask, k, dataset.ignore_index, name, band_counts[name])
             except DataError as err:
                 errors.append(err)
         if errors:
@@ -124,6 +135,15 @@ def check_split(dataset: SegmentationDataset, report: SplitReport) -> SplitRepor
         pixels += hist
         images += hist > 0
         sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
+    counted = Counter(band_counts.values())
+    report.bands = {str(b): n for b, n in sorted(counted.items())}
+    expected = bands or (counted.most_common(1)[0][0] if counted else None)
+    for name, count in band_counts.items():
+        if count != expected:
+            where = "--bands" if bands else "most images"
+            report.errors.append(
+                Problem("bad_format", name, f"{name}: {count} bands, {where}: {expected}")
+            )
     report.pixels = pixels[:k].tolist()
     report.images = images[:k].tolist()
     report.ignore_pixels = int(pixels[dataset.ignore_index])
@@ -134,7 +154,9 @@ def check_split(dataset: SegmentationDataset, report: SplitReport) -> SplitRepor
     return report
 
 
-def check_dataset(cfg: DataConfig, splits: Sequence[str]) -> list[SplitReport]:
+def check_dataset(
+    cfg: DataConfig, splits: Sequence[str], bands: int | None = None
+) -> list[SplitReport]:
     """One report per split; layout problems and unopenable data sets are hard errors."""
     from . import open_dataset
 
@@ -150,7 +172,7 @@ def check_dataset(cfg: DataConfig, splits: Sequence[str]) -> list[SplitReport]:
             continue
         if isinstance(dataset, FileDataset):
             report.errors.extend(dataset.problems)
-        reports.append(check_split(dataset, report))
+        reports.append(check_split(dataset, report, bands))
     return reports
 
 

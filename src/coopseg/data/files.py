@@ -20,7 +20,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .base import DataError, SegmentationDataset, Transform
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".npy")
+ARRAY_SUFFIXES = (".npy", ".tif", ".tiff")  # read band by band, any band count
 MAX_NAMED = 10  # problems named in one error message; the rest are counted
 
 DATA_ROOT_ENV = "COOPSEG_DATA_ROOT"
@@ -77,6 +78,89 @@ def read_rgb(path: Path) -> np.ndarray:
         raise DataError(f"{path}: image file not found", "missing_pair") from None
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise DataError(f"{path}: cannot read image ({exc})", "unreadable") from exc
+
+
+def read_image(path: Path, bands: int | None = 3) -> np.ndarray:
+    """An image file as ``[H, W, C]``.
+
+    ``bands == 3``: RGB uint8, as :func:`read_rgb` (a ``.npy`` must hold uint8 RGB).
+    Otherwise (N-band data), ``.npy`` and ``.tif`` files are read band by band (``.tif``
+    with tifffile) and other formats with PIL as they are (``L``: 1 band, ``RGBA``: 4),
+    as float32: integer pixels divided by their type's maximum (uint8 / 255, uint16 /
+    65535), floats as stored. ``bands=None`` (``data check``): the file's own bands, no
+    conversion. A ``.npy`` is ``[H, W, C]``, or ``[C, H, W]`` when only its first axis
+    matches ``bands``; a 2-D array is one band.
+    """
+    suffix = path.suffix.lower()
+    if bands == 3 and suffix != ".npy":
+        return read_rgb(path)
+    if bands is None and suffix not in ARRAY_SUFFIXES:
+        return read_rgb(path)
+    if suffix in (".tif", ".tiff"):
+        _require_tifffile(path)
+    try:
+        if suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+        elif suffix in (".tif", ".tiff"):
+            array = _read_tiff(path)
+        else:
+            with Image.open(path) as img:
+                array = np.array(img)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found", "missing_pair") from None
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc})", "unreadable") from exc
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3:
+        raise DataError(f"{path}: expected an H x W x bands array, got shape {array.shape}")
+    if bands and array.shape[0] == bands and array.shape[2] != bands:
+        array = np.moveaxis(array, 0, -1)  # [C, H, W]
+    if bands is None:
+        return array
+    if bands == 3:
+        if array.dtype != np.uint8:
+            raise DataError(
+                f"{path}: {array.dtype} pixels; 3-band images are read as 8-bit RGB "
+                "(store uint8, or give data.mean/std another band count)",
+                "bad_format",
+            )
+        return np.ascontiguousarray(array)
+    return to_float(array, path)
+
+
+def to_float(array: np.ndarray, path: Path | str) -> np.ndarray:
+    """float32 pixels: integers over their type's maximum, floats as they are."""
+    if np.issubdtype(array.dtype, np.integer):
+        return array.astype(np.float32) / np.float32(np.iinfo(array.dtype).max)
+    if np.issubdtype(array.dtype, np.floating):
+        return array.astype(np.float32)
+    raise DataError(f"{path}: {array.dtype} pixels; expected integers or floats", "bad_format")
+
+
+def _require_tifffile(path: Path) -> None:
+    try:
+        import tifffile  # noqa: F401
+    except ImportError:
+        raise DataError(
+            f"{path}: multi-band TIFF needs tifffile: pip install 'coopseg[multiband]'",
+            "unreadable",
+        ) from None
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """Every band of a TIFF's first image series as ``[H, W, C]`` (planar or not)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            array, axes = series.asarray(), series.axes
+    except (tifffile.TiffFileError, IndexError) as exc:
+        raise ValueError(str(exc)) from exc
+    if array.ndim == 3 and axes[-2:] == "YX":
+        array = np.moveaxis(array, 0, -1)  # planar: bands first
+    return array
 
 
 def open_mask(path: Path) -> Image.Image:
@@ -144,7 +228,7 @@ class FileDataset(SegmentationDataset):
         return read_index_mask(self.masks[index])
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        return read_rgb(self.images[index]), self.read_mask(index)
+        return read_image(self.images[index], self.bands), self.read_mask(index)
 
     def describe(self, index: int) -> str:
         return f"{self.images[index]} (mask {self.masks[index]})"

@@ -111,7 +111,8 @@ def train_transform(
     ``scale_set`` (a discrete set of factors) replaces the continuous ``scale_range``."""
     if random_pad < 0:
         raise ValueError(f"data.random_pad: expected >= 0, got {random_pad}")
-    fill_image = tuple(round(m * 255) for m in mean)
+    # 3 bands: uint8 RGB images; other band counts are float32 in [0, 1] (data.files)
+    fill_image = tuple(round(m * 255) for m in mean) if len(mean) == 3 else tuple(mean)
     steps: list[v2.Transform] = []
     if scale_set is not None:
         if [float(s) for s in scale_set] != [1.0]:

@@ -249,28 +249,53 @@ def save_weights(
 def load_model(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[TappedNetwork, Config, dict[str, Any]]:
-    """Rebuild a trained model from a ``.safetensors`` or ``.pt`` checkpoint.
+    """Rebuild a trained model from a ``.safetensors`` or ``.pt`` checkpoint, or from a
+    model folder written by ``save_pretrained`` (or a Hub repo id of one, see
+    :mod:`coopseg.hub`).
 
     Returns the model (eval mode), its config, and the extra info saved with it
     (``class_names``, ``palette``, ``metrics`` where present).
     """
     path = Path(path)
+    if path.is_dir() or not path.exists():
+        from ..hub import is_repo_id, read_folder, resolve
+
+        if path.is_dir() or is_repo_id(str(path)):
+            folder = resolve(path)
+            weights_path, raw_cfg, info = read_folder(folder)
+            weights = _read_safetensors(weights_path)[0]
+            return _build_model(folder, weights, raw_cfg, info, device)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-            weights = load_file(str(path))
-            info = {k: json.loads(v) for k, v in meta.items()}
-        except Exception as err:
-            raise CheckpointError(f"{path}: unreadable checkpoint ({_one_line(err)})") from err
+        weights, info = _read_safetensors(path)
         raw_cfg = info.pop("config", None)
     else:  # a .pt: weights-only, then the structure coopseg writes
         state = _check_structure(path, _torch_load(path))
         weights, raw_cfg, info = state["model"], state.get("config"), state.get("info", {})
         if not isinstance(info, dict):
             raise CheckpointError(f"{path}: 'info' should be a mapping, got {type(info).__name__}")
+    return _build_model(path, weights, raw_cfg, info, device)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and JSON metadata of a ``.safetensors`` file; unreadable: one line."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        return load_file(str(path)), {k: json.loads(v) for k, v in meta.items()}
+    except Exception as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({_one_line(err)})") from err
+
+
+def _build_model(
+    path: Path,
+    weights: Mapping[str, torch.Tensor],
+    raw_cfg: Any,
+    info: dict[str, Any],
+    device: str | torch.device,
+) -> tuple[TappedNetwork, Config, dict[str, Any]]:
+    """The model ``raw_cfg`` describes (``create_model``), with ``weights`` loaded strictly."""
     if raw_cfg is None:
         raise CheckpointError(f"{path}: holds no config; was it written by coopseg?")
     try:
@@ -280,6 +305,7 @@ def load_model(
         model = create_model(arch, **kwargs)
     except (ConfigError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: its config does not describe a model: {err}") from err
+    model.coopseg_config = dict(cfg.model)  # as configured (``pretrained`` included)
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as err:  # shapes that do not fit

@@ -136,7 +136,7 @@ def _sample(shape: Sequence[int], mean: Sequence[float], std: Sequence[float]) -
     """A seeded random image, normalised like real input (so activations are typical)."""
     gen = torch.Generator().manual_seed(0)
     rgb = torch.rand(*shape, generator=gen)
-    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
     return ((rgb - m) / s).contiguous()
 
 
@@ -229,7 +229,7 @@ def export_model(
     keys = _graph_keys(model, all_outputs)
     outputs = {k: (label if k == "out" else output_label(k)) for k in keys}
     wrapper = _GraphOutputs(model, keys).eval()
-    sample = _sample([1, 3, *hw], cfg.data.mean, cfg.data.std)
+    sample = _sample([1, len(cfg.data.mean), *hw], cfg.data.mean, cfg.data.std)  # N bands
     shapes = None
     if dynamic:
         dyn = torch.export.Dim.DYNAMIC
@@ -306,6 +306,7 @@ def export_model(
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),
         "normalize": cfg.data.normalize,  # dataset: mean/std; image: per-image standardisation
+        "rgb_bands": cfg.data.rgb_bands,  # N-band input: the bands an overlay draws
         "output": label,
         "outputs": outputs,
         "arch": arch,
@@ -381,7 +382,7 @@ class OnnxModel:
         self.metadata = _read_metadata(self.session, self.path)
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
-            raise ExportError(f"{self.path}: expected one N x 3 x H x W input (coopseg export)")
+            raise ExportError(f"{self.path}: expected one N x C x H x W input (coopseg export)")
         self.input_name = inputs[0].name
         self.input_shape = list(inputs[0].shape)
         graph_outputs = [o.name for o in self.session.get_outputs()]

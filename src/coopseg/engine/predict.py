@@ -24,12 +24,13 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config import ConfigError
 from ..data.base import DataError
+from ..data.files import read_image
 from ..data.transforms import standardize
-from ..visualize import colorize, overlay, palette_image
+from ..visualize import colorize, display_rgb, overlay, palette_image
 from .distributed import resolve_device
 from .evaluate import SlideWindow, predict_probs
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".npy"}
 BACKENDS = ("pytorch", "onnxruntime")
 
 
@@ -135,13 +136,28 @@ class Predictor:
     output: str = "out"
     onnx: Any = None  # the OnnxModel, for its input-size rules
     normalize: str = "dataset"  # data.normalize: dataset mean/std, or per image
+    rgb_bands: list[int] | None = None  # data.rgb_bands: N-band overlays
+
+    @property
+    def bands(self) -> int:
+        """Image channels the model reads (one mean per band)."""
+        return len(self.mean)
+
+    def read(self, path: Path) -> tuple[np.ndarray, torch.Tensor]:
+        """``(picture for the overlay, [1, C, H, W] in [0, 1])`` of an image file."""
+        if self.bands == 3:
+            rgb = read_rgb(path)
+            return rgb, torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div(255)
+        image = read_image(path, self.bands)  # float32 [H, W, C] (data.files' rules)
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+        return display_rgb(image, self.rgb_bands), x
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """RGB in [0, 1] ``[B, 3, H, W]`` -> what the model was trained on."""
+        """Images in [0, 1] ``[B, C, H, W]`` -> what the model was trained on."""
         if self.normalize != "dataset":
             return standardize(x, per_channel=self.normalize == "image_channel")
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
 
 
@@ -182,6 +198,7 @@ def load_predictor(
             session.output,
             session,
             meta.get("normalize", "dataset"),
+            meta.get("rgb_bands"),
         )
     if checkpoint is None:
         raise ConfigError("predict needs --checkpoint CKPT (or --backend onnxruntime --model M)")
@@ -196,7 +213,16 @@ def load_predictor(
         raise ConfigError(str(err)) from None
     palette = info.get("palette") or [[0, 0, 0]]
     mean, std = list(cfg.data.mean), list(cfg.data.std)
-    return Predictor(model, mean, std, palette, dev, label, normalize=cfg.data.normalize)
+    return Predictor(
+        model,
+        mean,
+        std,
+        palette,
+        dev,
+        label,
+        normalize=cfg.data.normalize,
+        rgb_bands=cfg.data.rgb_bands,
+    )
 
 
 def _check_graph_options(
@@ -268,11 +294,11 @@ def predict_files(
     out.mkdir(parents=True, exist_ok=True)
     for path in files:
         try:
-            rgb = read_rgb(path)
+            rgb, x = predictor.read(path)
         except DataError as err:
             skip(path, str(err))
             continue
-        x = torch.from_numpy(rgb).to(dev).permute(2, 0, 1)[None].float().div(255)
+        x = x.to(dev)
         if predictor.onnx is not None and slide is None:
             try:
                 predictor.onnx.check_size(*x.shape[-2:])

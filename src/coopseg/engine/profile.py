@@ -220,9 +220,9 @@ def profile_model(
     latency: bool = True,
     warmup: int = 3,
     iters: int = 10,
-    in_chans: int = 3,
+    in_chans: int | None = None,
 ) -> dict[str, Any]:
-    """One summary for logs and tables.
+    """One summary for logs and tables (``in_chans`` default: the model's own).
 
     ``gmacs`` is per image (a batch-1 pass, the papers' "GFLOPs"); ``batch`` applies
     to the latency measurement only. Keys: ``params``, ``params_m``,
@@ -230,6 +230,7 @@ def profile_model(
     ``latency=True`` also ``latency_ms`` (median) and ``latency`` (all statistics).
     """
     hw = _hw(input_size)
+    in_chans = in_chans or int(getattr(model, "in_chans", 3))
     params = count_params(model)
     macs = count_macs(model, hw, batch=1, device=device, in_chans=in_chans)
     out: dict[str, Any] = {

@@ -83,20 +83,15 @@ def dataset_info(dataset: SegmentationDataset) -> dict[str, Any]:
 
 def build_criterion(model: nn.Module, t: TrainConfig, world_size: int) -> SegmentationLoss:
     """The segmentation loss: the model's default aux weights, overridden by the config's
-    (``aux_context`` also sets every member's ``<name>.aux_context``), plus the loss options."""
+    (``aux_context`` also sets every member's ``<name>.aux_context``), plus the terms of
+    ``train.loss``."""
     aux = dict(getattr(model, "default_aux_weights", {}))
     for key, weight in t.aux_weights.items():
         for name in aux:
             if name.rpartition(".")[2] == key:
                 aux[name] = weight
         aux[key] = weight
-    return SegmentationLoss(
-        aux,
-        world_size=world_size,
-        class_weights=t.class_weights,
-        ohem_thresh=t.ohem_thresh,
-        ohem_min_kept=t.ohem_min_kept,
-    )
+    return SegmentationLoss.from_config(aux, t, world_size)
 
 
 def place_model(

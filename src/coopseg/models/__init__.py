@@ -43,6 +43,8 @@ def create_model(name: str, *, freeze_bn: bool = False, **kwargs: Any) -> nn.Mod
     model = cls(**kwargs)
     if freeze_bn:
         model = freeze_batch_norm_2d(model)
+    # the config section it was built from, for save_pretrained's config.json
+    model.coopseg_config = {"arch": name, **kwargs, **({"freeze_bn": True} if freeze_bn else {})}
     return model
 
 

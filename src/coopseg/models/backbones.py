@@ -284,9 +284,11 @@ def load_backbone_file(backbone: nn.Module, path: Path, name: str, in_chans: int
     """
     state = {k.removeprefix("module."): v for k, v in _read_state_dict(path).items()}
     own = backbone.state_dict()
-    full = full_model_keys(name, in_chans)
+    full = full_model_keys(name)  # the file's: ImageNet weights read 3 channels
     if name in OFFLINE_WEIGHTS and not set(state) & set(full):
         state = convert_by_position(state, full, path, name)
+    if in_chans != 3:
+        state = adapt_first_conv(state, name, in_chans)
     full_only = set(full) - set(own)
     state = {k: v for k, v in state.items() if k not in full_only}
     missing = sorted(set(own) - set(state))
@@ -299,6 +301,24 @@ def load_backbone_file(backbone: nn.Module, path: Path, name: str, in_chans: int
             f"{unexpected[:3]}, {len(mis_shaped)} mis-shaped keys {mis_shaped[:3]}"
         )
     backbone.load_state_dict(state, strict=True)
+
+
+def adapt_first_conv(
+    state: dict[str, torch.Tensor], name: str, in_chans: int
+) -> dict[str, torch.Tensor]:
+    """The 3-channel first convolution of ImageNet weights adapted to ``in_chans`` inputs
+    by timm's own rule (``adapt_input_conv``: 1 channel sums the RGB filters; more
+    repeat them cyclically, rescaled by 3 / in_chans), as ``timm.create_model(in_chans=)``
+    does for the weights it downloads."""
+    from timm.models import adapt_input_conv, get_pretrained_cfg_value
+
+    first = get_pretrained_cfg_value(name, "first_conv") or []
+    out = dict(state)
+    for key in [first] if isinstance(first, str) else list(first):
+        weight = out.get(f"{key}.weight")
+        if weight is not None and weight.ndim == 4 and weight.shape[1] == 3:
+            out[f"{key}.weight"] = adapt_input_conv(in_chans, weight)
+    return out
 
 
 def stage_parameters(backbone: nn.Module, stages: int) -> list[nn.Parameter]:
@@ -333,6 +353,7 @@ def resolve_encoder(
     *,
     pretrained: PretrainedArg = False,
     output_stride: int = 32,
+    in_chans: int = 3,
 ) -> nn.Module:
     """An encoder from a timm model name (via ``create_backbone``) or a ready-made module.
 
@@ -348,7 +369,9 @@ def resolve_encoder(
     ``feature_info`` is checked here so a malformed encoder fails at construction.
     """
     if isinstance(encoder, str):
-        return create_backbone(encoder, output_stride=output_stride, pretrained=pretrained)
+        return create_backbone(
+            encoder, output_stride=output_stride, pretrained=pretrained, in_chans=in_chans
+        )
     if not isinstance(encoder, nn.Module):
         raise TypeError(f"encoder must be a timm model name or an nn.Module, got {encoder!r}")
     if pretrained:

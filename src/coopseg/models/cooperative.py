@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hub_mixin import HubMixin
 from .taps import TapInfo, TapStream, run_taps
 
 PRESETS = (
@@ -298,7 +299,8 @@ def _received_channels(member: nn.Module, extra: Mapping[str, int]) -> dict[str,
 
             try:
                 with torch.no_grad():
-                    run_taps(member.forward_taps(torch.zeros(1, 3, 64, 64)), fill)
+                    x = torch.zeros(1, getattr(member, "in_chans", None) or 3, 64, 64)
+                    run_taps(member.forward_taps(x), fill)
             finally:
                 for hook in hooks:
                     hook.remove()
@@ -361,7 +363,7 @@ def _resize(fmap: torch.Tensor, size: torch.Size) -> torch.Tensor:
     return F.interpolate(fmap, size=size, mode="bilinear", align_corners=False)
 
 
-class CooperativeNet(nn.Module):
+class CooperativeNet(nn.Module, HubMixin):
     """K member networks and the links between them.
 
     ``forward`` returns, in training mode, every member's outputs prefixed with its
@@ -392,6 +394,7 @@ class CooperativeNet(nn.Module):
         fuse: str = "mean_prob",
         report: str = "auto",
         link_init: str = "random",
+        in_chans: int | None = None,
     ) -> None:
         super().__init__()
         from . import create_model  # the same table single models come from
@@ -414,6 +417,14 @@ class CooperativeNet(nn.Module):
                 spec.setdefault("num_classes", num_classes)
             if pretrained is not None:
                 spec["pretrained"] = pretrained
+            if in_chans is not None:
+                spec.setdefault("in_chans", in_chans)
+        bands = {int(spec.get("in_chans", 3)) for spec in specs}
+        if len(bands) > 1:
+            raise ValueError(
+                f"model.members: every member reads the same image; in_chans differ: {bands}"
+            )
+        self.in_chans = bands.pop()
         if len(set(names)) != len(names):
             raise ValueError(f"model.members: member names must be unique, got {names}")
         if {FUSED, "out"} & set(names):

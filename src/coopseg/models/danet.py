@@ -213,10 +213,12 @@ class DANet(TappedNetwork):
         pam_chunk_threshold: int = PAM_AUTO_THRESHOLD,
         dropout: float = 0.1,
         extra_channels: Mapping[str, int] | None = None,
+        in_chans: int = 3,
     ) -> None:
         super().__init__()
+        self.in_chans = in_chans
         self.backbone = create_backbone(
-            backbone, output_stride=output_stride, pretrained=pretrained
+            backbone, output_stride=output_stride, pretrained=pretrained, in_chans=in_chans
         )
         in_ch = self.backbone.feature_info.channels()[-1]
         stride = self.backbone.feature_info.reduction()[-1]

@@ -156,12 +156,14 @@ class DeepLabV3Plus(TappedNetwork):
         separable: bool = False,
         aspp_rates: Sequence[int] | None = None,
         extra_channels: Mapping[str, int] | None = None,
+        in_chans: int = 3,
     ) -> None:
         super().__init__()
         self.separable = separable
         self.aspp_rates = atrous_rates(output_stride, aspp_rates)
+        self.in_chans = in_chans
         self.backbone = create_backbone(
-            backbone, output_stride=output_stride, pretrained=pretrained
+            backbone, output_stride=output_stride, pretrained=pretrained, in_chans=in_chans
         )
         self.low_index = feature_index(self.backbone, 4)
         channels = self.backbone.feature_info.channels()

@@ -165,8 +165,10 @@ class DFDAM(TappedNetwork):
         attention_channels: int = 32,
         aux_spatial_on: str = "raw",
         extra_channels: Mapping[str, int] | None = None,
+        in_chans: int = 3,
     ) -> None:
         super().__init__()
+        self.in_chans = in_chans
         if fusion not in FUSIONS:
             raise ValueError(f"dfdam: fusion must be one of {list(FUSIONS)}, got {fusion!r}")
         if aux_spatial_on not in AUX_SPATIAL_ON:
@@ -181,7 +183,7 @@ class DFDAM(TappedNetwork):
         self.record_attention = False
         self.attention: dict[str, torch.Tensor] = {}
 
-        self.backbone = create_backbone(backbone, pretrained=pretrained)
+        self.backbone = create_backbone(backbone, pretrained=pretrained, in_chans=in_chans)
         self.spatial_index = feature_index(self.backbone, 4)
         self.low_index = feature_index(self.backbone, 16)
         self.high_index = feature_index(self.backbone, 32)

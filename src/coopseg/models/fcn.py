@@ -139,6 +139,7 @@ class FCN8s(TappedNetwork):
         zero_init_scores: bool = True,
         extra_channels: Mapping[str, int] | None = None,
         strides: Sequence[int] = (8, 16, 32),
+        in_chans: int = 3,
     ) -> None:
         super().__init__()
         if head_kernel < 1 or head_kernel % 2 == 0:
@@ -146,7 +147,8 @@ class FCN8s(TappedNetwork):
         s3, s4, s5 = (int(v) for v in strides) if len(strides) == 3 else (0, 0, 0)
         if s3 < 1 or s4 != 2 * s3 or s5 != 2 * s4:
             raise ValueError(f"strides: expected three strides, each twice the last, got {strides}")
-        self.backbone = resolve_encoder(backbone, pretrained=pretrained)
+        self.in_chans = in_chans
+        self.backbone = resolve_encoder(backbone, pretrained=pretrained, in_chans=in_chans)
         self.pool3_index = feature_index(self.backbone, s3)
         self.pool4_index = feature_index(self.backbone, s4)
         self.pool5_index = feature_index(self.backbone, s5)

@@ -213,6 +213,7 @@ class JointSeg(TappedNetwork):
         widths = list(widths)
         if len(widths) < 2:
             raise ValueError(f"jointseg needs at least 2 encoder levels, got widths={widths}")
+        self.in_chans = in_chans
         self.encoder = JointSegEncoder(in_chans, widths, blocks, stem_stride)
         strides = self.encoder.feature_info.reduction()
         # levels reached, deep to shallow; None: the input size (below a stride-2 stem)

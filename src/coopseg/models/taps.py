@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .hub_mixin import HubMixin
+
 TapStream = Generator[tuple[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]
 
 
@@ -60,7 +62,7 @@ def run_taps(
         return stop.value
 
 
-class TappedNetwork(nn.Module):
+class TappedNetwork(nn.Module, HubMixin):
     """Base class of every segmentation network in coopseg.
 
     ``forward(x)`` returns a dict: ``"out"`` holds logits at the input's size; in

@@ -146,15 +146,17 @@ class UNet(TappedNetwork):
         batch_norm: bool = True,
         extra_channels: Mapping[str, int] | None = None,
         decoder_block: str = "double_conv",
+        in_chans: int = 3,
     ) -> None:
         super().__init__()
+        self.in_chans = in_chans
         classic = isinstance(backbone, str) and backbone == "unet"
         if classic:
             if pretrained:
                 raise ValueError("the classic U-Net encoder has no pretrained weights")
-            self.backbone: nn.Module = UNetEncoder(3, base_channels, batch_norm=batch_norm)
+            self.backbone: nn.Module = UNetEncoder(in_chans, base_channels, batch_norm=batch_norm)
         else:
-            self.backbone = resolve_encoder(backbone, pretrained=pretrained)
+            self.backbone = resolve_encoder(backbone, pretrained=pretrained, in_chans=in_chans)
         channels = list(self.backbone.feature_info.channels())
         strides = list(self.backbone.feature_info.reduction())
         if len(channels) < 2:
