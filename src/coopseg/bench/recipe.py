@@ -49,7 +49,9 @@ def fine_tune_sections(s: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             "poly_power": 0.9,
             "warmup_iterations": s["warmup_iterations"],
             "frozen_stages": s["frozen_stages"],
-            "amp": "auto",
+            # fp32 on every machine: `auto` picks bf16 by CPU (and by a timed probe), and
+            # a run's result must not depend on the machine that trained it
+            "amp": "none",
             "channels_last": True,
             "val_interval": s.get("val_interval", 0),
             "checkpoint_interval": 0,
