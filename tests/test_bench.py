@@ -5,6 +5,7 @@ Training is faked (``runner.run_one``) except in one tiny real run, so the file 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -56,8 +57,13 @@ def test_paired_difference_on_hand_made_numbers() -> None:
 def test_coop_rows_have_equal_budgets_and_their_own_model_keys() -> None:
     configs = {row: coop.bench_config(row, 1) for row in coop.ROWS}
     base = configs["ensemble"]
+    mutual = configs["mutual"].train  # mutual learning: the same budget plus its KL term
+    assert (mutual.mutual_weight, mutual.mutual_temperature) == (1.0, 1.0)
+    assert dataclasses.replace(mutual, mutual_weight=0.0) == base.train
     for row, cfg in configs.items():
-        assert cfg.train == base.train and cfg.data == base.data, row  # equal budgets
+        if row != "mutual":
+            assert cfg.train == base.train, row  # equal budgets
+        assert cfg.data == base.data, row
         assert cfg.seed == 1 and cfg.name == f"{row}-seed1"
         members = cfg.model["members"]
         assert len(members) == 2 and cfg.model["link_init"] == "zero"
@@ -79,7 +85,7 @@ def test_coop_rows_have_equal_budgets_and_their_own_model_keys() -> None:
         assert model["connection1"] is False and model["connection2"] is False, row
     assert "connection1" not in configs["cross"].model
     lite0, lite2 = "tf_efficientnet_lite0", "tf_efficientnet_lite2"
-    for row in ("ensemble", "cross", "cross-no-extra", "oneway", "cross-detach"):
+    for row in ("ensemble", "cross", "cross-no-extra", "oneway", "cross-detach", "mutual"):
         assert [m["backbone"] for m in configs[row].model["members"]] == [lite0, lite2], row
     for row in ("ensemble-same", "oneway-same", "oneway-multiple", "cross-same"):
         assert [m["backbone"] for m in configs[row].model["members"]] == [lite0, lite0], row

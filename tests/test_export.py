@@ -170,3 +170,31 @@ def test_fixed_graph_names_the_fix_for_another_size(tmp_path) -> None:
         graph(image((1, 3, 20, 24)))
     with pytest.raises(ConfigError, match=r"--output fused: .* has one output"):
         OnnxModel(tmp_path / "m.onnx", output="fused")
+
+
+def test_a_member_that_receives_nothing_exports_as_one_network(tmp_path, capsys) -> None:
+    """A mutual-learning (ensemble-preset) pair's member is deployed alone: the graph
+    holds one network's weights; a receiving member still needs its sender."""
+    model, ckpt = write_checkpoint(
+        tmp_path / "pair.safetensors", tiny_cooperative("ensemble"), [32, 32]
+    )
+    one = tmp_path / "top.onnx"
+    assert main(["export", str(ckpt), "--out", str(one), "--output", "top"]) == 0
+    capsys.readouterr()
+    single = sum(p.numel() for p in model.members["top"].parameters())
+    weights = sum(int(np.prod(t.dims)) for t in onnx.load(str(one)).graph.initializer)
+    assert weights <= single * 1.01  # one network (BN folded or not), not the pair's 2x
+    x = image((1, 3, 32, 32))
+    with torch.no_grad():
+        eager = model.eval()(x)["top.out"]
+    torch.testing.assert_close(OnnxModel(one)(x)["out"], eager, rtol=1e-4, atol=1e-4)
+    assert metadata(one)["output"] == "top"
+
+    oneway, ckpt2 = write_checkpoint(
+        tmp_path / "oneway.safetensors", tiny_cooperative("oneway-same"), [32, 32]
+    )
+    both = tmp_path / "bottom.onnx"
+    assert main(["export", str(ckpt2), "--out", str(both), "--output", "bottom"]) == 0
+    pair = sum(p.numel() for p in oneway.parameters())
+    weights = sum(int(np.prod(t.dims)) for t in onnx.load(str(both)).graph.initializer)
+    assert weights > 0.9 * pair  # the receiver runs with its sender

@@ -189,6 +189,16 @@ class TrainConfig:
     # whole-model start: weights of a coopseg checkpoint (.pt / .safetensors) of the same
     # model, loaded before training (e.g. DF-DAM's VOC trainval fine-tune); null = none
     init_from: str | None = None
+    # deep mutual learning (engine/distill.py): each member of a cooperative model also
+    # learns towards the others' softened, detached predictions; 0 = off
+    mutual_weight: float = 0.0
+    mutual_temperature: float = 1.0
+    # distillation: a trained coopseg checkpoint whose output (teacher_output; null: the
+    # one it reports -- fused, or a member) the model learns towards, besides the labels
+    teacher: str | None = None
+    teacher_output: str | None = None
+    teacher_weight: float = 1.0
+    teacher_temperature: float = 1.0
 
 
 @dataclass
@@ -510,6 +520,10 @@ RANGES: dict[str, Range] = {
     "train.loss.focal.weight": NON_NEGATIVE,
     "train.loss.focal.gamma": NON_NEGATIVE,
     "train.loss.lovasz.weight": NON_NEGATIVE,
+    "train.mutual_weight": NON_NEGATIVE,
+    "train.mutual_temperature": POSITIVE,
+    "train.teacher_weight": NON_NEGATIVE,
+    "train.teacher_temperature": POSITIVE,
     "eval.scales[]": POSITIVE,
     "eval.window_batch": AT_LEAST_ONE,
     "joint.cls_lr_ratio": POSITIVE,

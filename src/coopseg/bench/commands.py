@@ -20,6 +20,7 @@ COOP_ROWS = (
     "oneway-same",
     "oneway-multiple",
     "cross-same",
+    "mutual",
 )  # bench.coop.ROWS, listed here so --help needs no torch import
 PAPERS = ("cross", "feature-sharing", "dfdam", "jointseg", "ours")  # bench.claims.PAPERS
 REGISTER_SEEDS = 6  # the register's default seed count (sized in docs/cooperative.md)

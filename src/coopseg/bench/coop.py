@@ -85,6 +85,7 @@ class Row:
     paper: str
     model_keys: dict[str, Any] = field(default_factory=dict)
     cost: float = 2.0  # estimated step cost in single-member steps (orders parallel work)
+    train_keys: dict[str, Any] = field(default_factory=dict)  # e.g. mutual learning's weight
 
 
 TWO = (LITE0, LITE2)  # the cross paper's two different backbones, in miniature
@@ -128,6 +129,15 @@ ROWS: dict[str, Row] = {  # cost: measured step time / a lite0 single's
     ),
     "cross-same": Row(
         "cross", SAME, ("top", "bottom"), "cross, one backbone twice (ours)", cost=2.4
+    ),
+    # Deep mutual learning on the cross paper's two backbones: each member deploys alone.
+    "mutual": Row(
+        "ensemble",
+        TWO,
+        ("top", "bottom"),
+        "mutual learning, lite0 + lite2 (ours)",
+        cost=2.2,
+        train_keys={"mutual_weight": 1.0, "mutual_temperature": 1.0},
     ),
 }
 # An ensemble's members train exactly as single networks do (no links, a loss each, the
@@ -262,6 +272,7 @@ def bench_config(
         },
         **fine_tune_sections(s),
     }
+    raw["train"] |= r.train_keys
     return config_from_dict(raw, list(overrides))
 
 

@@ -212,7 +212,7 @@ def export_model(
     The model is moved to the CPU in fp32 and eval mode (that is what is exported).
     """
     require_deploy()
-    from ..models.cooperative import select_output
+    from ..models.cooperative import select_output, standalone
     from .profile import config_input_size
 
     out = Path(out)
@@ -221,6 +221,8 @@ def export_model(
         label = select_output(model, output)
     except ValueError as err:
         raise ExportError(str(err)) from None
+    if output is not None and not all_outputs:
+        model = standalone(model, label)  # a member that receives nothing: just that network
     if input_size is None:
         input_size, _ = config_input_size(cfg)
     hw = [int(s) for s in input_size]

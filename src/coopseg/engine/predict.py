@@ -202,7 +202,7 @@ def load_predictor(
         )
     if checkpoint is None:
         raise ConfigError("predict needs --checkpoint CKPT (or --backend onnxruntime --model M)")
-    from ..models.cooperative import select_output
+    from ..models.cooperative import select_output, standalone
     from .checkpoint import load_model
 
     dev = resolve_device(device)
@@ -211,6 +211,7 @@ def load_predictor(
         label = select_output(model, output)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    model = standalone(model, label)  # a member that receives nothing runs alone
     palette = info.get("palette") or [[0, 0, 0]]
     mean, std = list(cfg.data.mean), list(cfg.data.std)
     return Predictor(

@@ -21,7 +21,8 @@ from ..config import Config, ConfigError, TrainConfig, model_kwargs
 from ..data import SegmentationDataset, build_datasets
 from ..models import create_model
 from ..models.backbones import find_backbones, stage_parameters, weight_sources
-from .checkpoint import init_model_from, save_weights
+from .checkpoint import CheckpointError, init_model_from, save_weights
+from .distill import Teacher, mutual_loss, soft_kl, student_logits
 from .distributed import DistInfo
 from .evaluate import (
     autocast_context,
@@ -141,6 +142,17 @@ class Trainer(TrainingLoop):
                 self.weight_sources or {"model": ""}, f"init_from:{cfg.train.init_from}"
             )
         self.criterion = build_criterion(model, cfg.train, self.dist.world_size)
+        self.teacher = None
+        if cfg.train.teacher:
+            try:
+                self.teacher = Teacher(
+                    cfg.train.teacher,
+                    cfg.train.teacher_output,
+                    self.train_set.num_classes,
+                    self.device,
+                )
+            except (ValueError, CheckpointError) as err:
+                raise ConfigError(str(err)) from None
         self.slide = slide_window(cfg.eval, cfg.data.crop_size)
         self.center = center_region(cfg.eval, cfg.data.crop_size)
         t = cfg.train
@@ -279,6 +291,15 @@ class Trainer(TrainingLoop):
         with autocast_context(self.device, self.amp_dtype):
             outputs = self.ddp_model(images)
         loss, parts = self.criterion(outputs, masks)
+        t = self.cfg.train
+        if t.mutual_weight > 0:
+            term = mutual_loss(outputs, masks, t.mutual_temperature)
+            loss, parts["mutual"] = loss + t.mutual_weight * term, term.detach()
+        if self.teacher is not None:
+            with autocast_context(self.device, self.amp_dtype):
+                target = self.teacher(images)
+            term = soft_kl(student_logits(outputs), target, masks, t.teacher_temperature)
+            loss, parts["teacher"] = loss + t.teacher_weight * term, term.detach()
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

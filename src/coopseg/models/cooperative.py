@@ -671,6 +671,19 @@ def select_output(model: nn.Module, choice: str | None = None) -> str:
     return inner.output
 
 
+def standalone(model: nn.Module, output: str) -> nn.Module:
+    """The network that computes ``output`` alone: a member of a cooperative model that
+    receives no link (an ensemble or mutual-learning member, a one-way sender) runs
+    without its partners, so predicting or exporting it costs one network; otherwise
+    ``model`` itself (a receiver needs its senders' maps, the fused output every member)."""
+    inner = getattr(model, "module", model)
+    if not isinstance(inner, CooperativeNet) or output not in inner.members:
+        return model
+    if any(target.startswith(f"{output}.") for target in inner._incoming):
+        return model
+    return inner.members[output]
+
+
 def check_cooperative_section(model: Mapping[str, Any], check_member) -> None:
     """Config-time checks: each member section against its own architecture."""
     members = model.get("members")
