@@ -173,7 +173,8 @@ class Trainer(TrainingLoop):
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0)
         d = self.cfg.data
         g = torch.Generator().manual_seed(0)
-        images = torch.randn(d.batch_size // self.dist.world_size, 3, *d.crop_size, generator=g)
+        bands = getattr(self.model, "in_chans", None) or 3  # N-band models probe N bands
+        images = torch.randn(d.batch_size // self.dist.world_size, bands, *d.crop_size, generator=g)
         masks = torch.randint(
             0, self.train_set.num_classes, (len(images), *d.crop_size), generator=g
         )
