@@ -136,13 +136,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model, ckpt_cfg, _ = load_model(args.checkpoint)
     if args.output:
-        from .models.cooperative import select_output, standalone
+        from .models.cooperative import select_output
 
         try:
             select_output(model, args.output)
         except ValueError as err:
             raise ConfigError(str(err)) from err
-        model = standalone(model, args.output)  # a member that receives nothing: alone
     if args.slide:
         args.overrides.append("eval.mode=slide")
         args.overrides.append(f"eval.crop_size=[{args.slide[0]}, {args.slide[1]}]")
