@@ -14,10 +14,9 @@ from coopseg.config import ConfigError, config_from_dict, model_kwargs
 from coopseg.data.base import IGNORE_INDEX
 from coopseg.engine.checkpoint import save_weights
 from coopseg.engine.distributed import init_distributed
-from coopseg.engine.evaluate import (
+from coopseg.engine.evaluate import collate_by_size, evaluate
+from coopseg.engine.inference import (
     SlideWindow,
-    collate_by_size,
-    evaluate,
     predict_probs,
     slide_probs,
     slide_window,

@@ -182,7 +182,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .config import ConfigError
-    from .engine.evaluate import SlideWindow
+    from .engine.inference import SlideWindow
     from .engine.predict import predict_files
 
     if args.stride and not args.slide:

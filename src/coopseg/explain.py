@@ -229,7 +229,7 @@ def analyse(
     """Run ``model`` (eval mode) on one normalised image ``[1, 3, H, W]`` and collect
     every output and the attention. Query pixels: ``queries``, else chosen on
     ``labels_for_queries`` (a mask), else on the prediction."""
-    from .engine.evaluate import predict_outputs
+    from .engine.inference import predict_outputs
 
     model.eval()
     size = tuple(x.shape[-2:])

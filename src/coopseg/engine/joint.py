@@ -60,7 +60,8 @@ from ..data.sampling import shard_indices
 from ..data.transforms import NORMALIZE_MODES, data_transform
 from ..models import create_model
 from .distributed import DistInfo, all_reduce_sum, init_distributed
-from .evaluate import amp_dtype, autocast_context, check_class_count, evaluate
+from .evaluate import check_class_count, evaluate
+from .inference import amp_dtype, autocast_context
 from .loop import TrainingError, TrainingLoop, TrainResult
 from .metrics import SegMetrics
 from .train import (

@@ -1,7 +1,7 @@
 """``coopseg predict``: colour masks and overlays for image files of any size.
 
 Two backends run the same pre- and post-processing (normalisation, multi-scale, flip,
-sliding windows: :func:`~coopseg.engine.evaluate.predict_probs`): ``pytorch`` on a
+sliding windows: :func:`~coopseg.engine.inference.predict_probs`): ``pytorch`` on a
 checkpoint, ``onnxruntime`` on a graph written by ``coopseg export`` (its metadata
 carries the classes, palette, mean and std).
 
@@ -27,7 +27,7 @@ from ..data.base import DataError
 from ..data.transforms import standardize
 from ..visualize import colorize, overlay, palette_image
 from .distributed import resolve_device
-from .evaluate import SlideWindow, predict_probs
+from .inference import SlideWindow, predict_probs
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 BACKENDS = ("pytorch", "onnxruntime")

@@ -21,14 +21,8 @@ from ..models import create_model
 from ..models.backbones import find_backbones, stage_parameters, weight_sources
 from .checkpoint import init_model_from, save_weights
 from .distributed import DistInfo
-from .evaluate import (
-    amp_dtype,
-    autocast_context,
-    center_region,
-    check_class_count,
-    evaluate_outputs,
-    slide_window,
-)
+from .evaluate import check_class_count, evaluate_outputs
+from .inference import amp_dtype, autocast_context, center_region, slide_window
 from .loop import TrainingError, TrainingLoop, TrainResult
 from .loss import SegmentationLoss
 from .metrics import SegMetrics
