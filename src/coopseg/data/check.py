@@ -10,8 +10,11 @@ stop a run hours in. This check reads everything and reports, per split:
   files), ``unreadable`` (corrupt or truncated file), ``bad_format`` (wrong image
   or mask mode), ``size_mismatch`` (mask and image sizes differ), ``bad_label``
   (values outside the class set, unknown colours or label ids);
-* the class pixel histogram and how many images contain each class, image sizes,
-  and warnings (classes never seen in the split).
+* the class pixel histogram and how many images contain each class, image sizes
+  (in displayed orientation: EXIF applied, as training reads them), the training crop
+  against them (what ``data.crop_size: auto`` picks, and a warning when a crop given
+  with ``--crop-size`` is mostly padding), and warnings (classes never seen in the
+  split).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 from ..config import ConfigError, DataConfig
 from .base import DataError, SegmentationDataset, check_pair
 from .files import FileDataset, Problem, read_rgb
+from .sizes import auto_crop, crop_report
 
 
 @dataclass
@@ -41,6 +45,8 @@ class SplitReport:
     images: list[int] = field(default_factory=list)  # images containing each class
     ignore_pixels: int = 0
     sizes: dict[str, int] = field(default_factory=dict)  # "WxH" -> number of images
+    auto_crop: list[int] | None = None  # [height, width] data.crop_size auto would train
+    crop_size: list[int] | None = None  # the crop checked against the sizes (--crop-size)
     errors: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -71,6 +77,11 @@ class SplitReport:
             sizes = ", ".join(f"{s} x{n}" for s, n in common)
             more = f" (+{len(self.sizes) - 5} more)" if len(self.sizes) > 5 else ""
             lines.append(f"image sizes: {sizes}{more}")
+        if self.auto_crop:
+            line = f"crop: data.crop_size auto trains {self.auto_crop[0]}x{self.auto_crop[1]}"
+            if self.crop_size:
+                line += f"; --crop-size {self.crop_size[0]}x{self.crop_size[1]} checked"
+            lines.append(line)
         lines += [f"warning: {w}" for w in self.warnings]
         if self.errors:
             counts = ", ".join(f"{k} {n}" for k, n in Counter(p.kind for p in self.errors).items())
@@ -100,13 +111,17 @@ def _read(dataset: SegmentationDataset, index: int) -> tuple[list[DataError], tu
     return errors, None if errors else (image, mask)
 
 
-def check_split(dataset: SegmentationDataset, report: SplitReport) -> SplitReport:
-    """Read every sample of ``dataset`` and add what was found to ``report``."""
+def check_split(
+    dataset: SegmentationDataset, report: SplitReport, crop_size: Sequence[int] | None = None
+) -> SplitReport:
+    """Read every sample of ``dataset`` and add what was found to ``report``; the
+    training crop (``crop_size``, and what ``auto`` picks) against the image sizes."""
     k = dataset.num_classes
     report.class_names = list(dataset.class_names)
     pixels = np.zeros(256, dtype=np.int64)
     images = np.zeros(256, dtype=np.int64)
     sizes: Counter[str] = Counter()
+    shapes: list[tuple[int, int]] = []
     report.samples = len(dataset)
     for i in range(len(dataset)):
         name = dataset.describe(i)
@@ -124,18 +139,29 @@ def check_split(dataset: SegmentationDataset, report: SplitReport) -> SplitRepor
         pixels += hist
         images += hist > 0
         sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
+        shapes.append(image.shape[:2])
     report.pixels = pixels[:k].tolist()
     report.images = images[:k].tolist()
     report.ignore_pixels = int(pixels[dataset.ignore_index])
     report.sizes = dict(sizes)
+    if shapes:
+        report.auto_crop = auto_crop(shapes)
+        if crop_size is not None:
+            report.crop_size = [int(c) for c in crop_size]
+            warning = crop_report(report.crop_size, shapes, f"the {report.split} images")
+            if warning:
+                report.warnings.append(warning)
     unseen = [n for n, c in zip(dataset.class_names, report.images, strict=False) if c == 0]
     if unseen and report.samples:
         report.warnings.append(f"classes with no labelled pixel in this split: {unseen}")
     return report
 
 
-def check_dataset(cfg: DataConfig, splits: Sequence[str]) -> list[SplitReport]:
-    """One report per split; layout problems and unopenable data sets are hard errors."""
+def check_dataset(
+    cfg: DataConfig, splits: Sequence[str], crop_size: Sequence[int] | None = None
+) -> list[SplitReport]:
+    """One report per split; layout problems and unopenable data sets are hard errors.
+    ``crop_size``: a training crop to check against the image sizes."""
     from . import open_dataset
 
     reports = []
@@ -150,7 +176,7 @@ def check_dataset(cfg: DataConfig, splits: Sequence[str]) -> list[SplitReport]:
             continue
         if isinstance(dataset, FileDataset):
             report.errors.extend(dataset.problems)
-        reports.append(check_split(dataset, report))
+        reports.append(check_split(dataset, report, crop_size))
     return reports
 
 

@@ -28,6 +28,7 @@ from .inference import (
     slide_window,
 )
 from .metrics import ConfusionMatrix, SegMetrics, format_table
+from .preemption import ignore_stop_signals
 
 
 def check_class_count(cfg: Config, dataset: SegmentationDataset) -> None:
@@ -133,6 +134,7 @@ def evaluate_outputs(
         pin_memory=device.type == "cuda",
         collate_fn=collate_by_size,
         generator=torch.Generator(),  # leave the global RNG alone (resume equality)
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
     )
     cms: dict[str, ConfusionMatrix] = {}
     for groups in loader:

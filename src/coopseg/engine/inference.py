@@ -9,9 +9,10 @@ demo.
   ``eval.mode: center`` (:func:`center_crop`);
 * outputs: a cooperative model's named outputs (:func:`segmentation_outputs`).
 
-A file becomes such a tensor in ``predict`` (read as RGB, normalised with the config's
-or the graph's mean/std); the mask is the argmax of what :func:`predict_probs` returns.
-The evaluation loop over a data set lives in :mod:`coopseg.engine.evaluate`.
+A file becomes such a tensor in :func:`coopseg.data.files.read_rgb` (EXIF orientation
+applied) and the normalisation of the config or the graph; the mask is the argmax of
+what :func:`predict_probs` returns. The evaluation loop over a data set lives in
+:mod:`coopseg.engine.evaluate`.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import Config, ConfigError, TrainConfig, model_kwargs
 from ..data import SegmentationDataset, build_datasets
+from ..data.sizes import fit_crop
 from ..models import create_model
 from ..models.backbones import find_backbones, stage_parameters, weight_sources
 from .checkpoint import init_model_from, save_weights
@@ -127,6 +128,10 @@ class Trainer(TrainingLoop):
         super().__init__(cfg, show_progress)
         self.output_metrics: dict[str, SegMetrics] = {}
         self.best_by_output: dict[str, float] = {}  # cooperative: each output's best mIoU
+        self.crop_notes = fit_crop(cfg.data)  # crop_size auto resolved; a crop far too large
+        if self.dist.is_main:
+            for line in self.crop_notes:
+                print(f"[{cfg.name}] {line}", flush=True)
         self.train_set, self.val_set = build_datasets(cfg.data)
         check_class_count(cfg, self.train_set)
         self.info = dataset_info(self.train_set)
