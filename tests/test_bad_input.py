@@ -133,3 +133,81 @@ def test_cli_fashionscenes_bad_numbers_are_one_line(tmp_path, capsys, flag, valu
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"FashionScenes {name} ({flag}," in err and f"got {value}" in err
     assert not out.exists()
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("coopseg: error: ")
+    return err
+
+
+def test_cuda_without_cuda_is_one_line(make_config, tmp_path, monkeypatch, capsys) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(make_config(name="gpu").to_yaml())
+    assert main(["train", str(config), "--device", "cuda"]) == 2
+    assert "device 'cuda': CUDA is not available on this machine" in _one_line(capsys)
+    assert main(["train", str(config), "--device", "cuda:1"]) == 2
+    assert "device 'cuda:1': CUDA is not available" in _one_line(capsys)
+    assert main(["train", str(config), "--device", "tpu"]) == 2
+    assert "device 'tpu': expected auto, cpu, cuda or cuda:N" in _one_line(capsys)
+
+
+@pytest.fixture(scope="module")
+def unet_checkpoint(tmp_path_factory):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from coopseg.config import model_kwargs
+    from coopseg.engine.checkpoint import save_weights
+    from coopseg.models import create_model
+
+    folder = tmp_path_factory.mktemp("scales")
+    cfg = config_from_dict({"model": {"arch": "unet", "base_channels": 4, "num_classes": 3}})
+    arch, kwargs = model_kwargs(cfg.model)
+    torch.manual_seed(0)
+    path = folder / "unet.safetensors"
+    save_weights(path, create_model(arch, **kwargs), cfg, {"palette": [[0, 0, 0]] * 3})
+    image = folder / "x.png"
+    Image.fromarray(np.zeros((20, 24, 3), dtype=np.uint8)).save(image)
+    return path, image
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--scales", "0"], "--scales 0: each scale must be a number > 0, got 0"),
+        (["--scales", "1", "-1"], "--scales 1 -1: each scale must be a number > 0, got -1"),
+        (["--slide", "0", "16"], "--slide 0 16: height and width must be positive"),
+        (["--slide", "16", "16", "--stride", "-4", "8"], "--stride -4 8: height and width"),
+    ],
+)
+def test_predict_and_eval_refuse_non_positive_scales_and_windows(
+    unet_checkpoint, tmp_path, capsys, options, expected
+) -> None:
+    ckpt, image = unet_checkpoint
+    out = tmp_path / "out"
+    assert (
+        main(["predict", str(image), "--checkpoint", str(ckpt), "--out", str(out), *options]) == 2
+    )
+    assert expected in _one_line(capsys)
+    assert not out.exists()  # nothing written
+    assert main(["eval", "--checkpoint", str(ckpt), *options]) == 2
+    assert expected in _one_line(capsys)
+
+
+def test_an_empty_config_file_is_said_to_be_empty(tmp_path, capsys) -> None:
+    for text in ("", "# only a comment\n"):
+        path = tmp_path / "empty.yaml"
+        path.write_text(text)
+        assert main(["train", str(path)]) == 2
+        err = _one_line(capsys)
+        assert f"{path}: the file is empty (no config keys)" in err and "num_classes" not in err
+    base = tmp_path / "child.yaml"
+    base.write_text("base: empty.yaml\n")  # an empty base is named too
+    with pytest.raises(ConfigError, match=r"empty\.yaml: the file is empty"):
+        load_config(base)

@@ -120,7 +120,8 @@ def test_center_evaluation_scores_only_the_central_region() -> None:
     """VOC in both cooperative papers: "we cropped the center region in validation"."""
     from coopseg.config import EvalConfig
     from coopseg.engine.distributed import init_distributed
-    from coopseg.engine.evaluate import center_crop, center_region, evaluate_outputs
+    from coopseg.engine.evaluate import evaluate_outputs
+    from coopseg.engine.inference import center_crop, center_region
 
     mask = torch.ones(10, 12, dtype=torch.long)
     mask[3:7, 4:8] = 0  # class 0 exactly in the central 4x4 region, class 1 around it

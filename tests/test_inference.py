@@ -14,10 +14,9 @@ from coopseg.config import ConfigError, config_from_dict, model_kwargs
 from coopseg.data.base import IGNORE_INDEX
 from coopseg.engine.checkpoint import save_weights
 from coopseg.engine.distributed import init_distributed
-from coopseg.engine.evaluate import (
+from coopseg.engine.evaluate import collate_by_size, evaluate
+from coopseg.engine.inference import (
     SlideWindow,
-    collate_by_size,
-    evaluate,
     predict_probs,
     slide_probs,
     slide_window,
@@ -329,21 +328,29 @@ def test_onnxruntime_predicts_the_same_masks_as_pytorch(predict_setup, tmp_path,
 def test_fixed_size_graph_predicts_through_windows_of_its_size(
     predict_setup, tmp_path, capsys
 ) -> None:
+    """A fixed 32x48 graph predicts 37x91 and 64x64 images through 32x48 windows, said
+    once, with the masks (and overlays) the PyTorch path writes with --slide 32 48."""
     ckpt, _, fixed, images = predict_setup
     files = [str(p) for p in images]
     ort = ["predict", *files, "--model", str(fixed)]
-    assert main([*ort, "--out", str(tmp_path / "o")]) == 2  # 37x91 into a 32x48 graph
-    err = capsys.readouterr().err
-    assert "takes 32x48 images only" in err and "--slide 32 48" in err and "--dynamic" in err
-    assert main([*ort, "--out", str(tmp_path / "o"), "--scales", "0.5", "1"]) == 2
-    assert "--scales" in capsys.readouterr().err
+    reference = ["predict", *files, "--checkpoint", str(ckpt)]
+    for options in ([], ["--scales", "0.5", "1"], ["--flip"]):  # 0.5 x 37x91: padded
+        assert main([*ort, "--out", str(tmp_path / "ort"), *options]) == 0
+        out = capsys.readouterr().out
+        assert out.count("sliding windows") == 1  # once, not per image
+        assert f"{fixed} is a fixed 32x48 graph" in out and "stride 21x32" in out
+        window = ["--slide", "32", "48", *options]
+        assert main([*reference, "--out", str(tmp_path / "pt"), *window]) == 0
+        assert _outputs(tmp_path / "ort") == _outputs(tmp_path / "pt")
+        capsys.readouterr()
     assert main([*ort, "--out", str(tmp_path / "o"), "--slide", "40", "40"]) == 2
-    assert "--slide 40 40" in capsys.readouterr().err
-    window = ["--slide", "32", "48", "--scales", "0.5", "1"]  # 0.5 x 37x91 < the window: padded
-    assert main([*ort, "--out", str(tmp_path / "ort"), *window]) == 0
-    reference = ["predict", *files, "--checkpoint", str(ckpt), "--out", str(tmp_path / "pt")]
-    assert main([*reference, *window]) == 0
-    assert _outputs(tmp_path / "ort") == _outputs(tmp_path / "pt")
+    err = capsys.readouterr().err
+    assert "--slide 40 40" in err and "takes 32x48 images only" in err and "--dynamic" in err
+    explicit = ["--slide", "32", "48", "--stride", "16", "24"]  # the user's own stride
+    assert main([*ort, "--out", str(tmp_path / "ort2"), *explicit]) == 0
+    assert "sliding windows" not in capsys.readouterr().out
+    assert main([*reference, "--out", str(tmp_path / "pt2"), *explicit]) == 0
+    assert _outputs(tmp_path / "ort2") == _outputs(tmp_path / "pt2")
 
 
 def test_predict_output_chooses_a_cooperative_member(make_config, tmp_path, capsys) -> None:

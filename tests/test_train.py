@@ -149,14 +149,14 @@ def test_bf16_autocast_on_cpu_trains(make_config) -> None:
 def test_amp_auto_is_full_precision_for_cpu_inference() -> None:
     """Training's ``auto`` probes bf16 on CPUs that compute it (tests/test_precision.py);
     evaluation's ``auto`` on a CPU is full precision."""
-    from coopseg.engine import evaluate
+    from coopseg.engine import inference
 
-    assert evaluate.cpu_has_fast_bf16("processor : 0\nflags : fpu avx512f avx512_bf16 sse\n")
-    assert evaluate.cpu_has_fast_bf16("flags : fpu amx_bf16 amx_tile\n")
-    assert not evaluate.cpu_has_fast_bf16("flags : fpu avx512f avx2\n")
+    assert inference.cpu_has_fast_bf16("processor : 0\nflags : fpu avx512f avx512_bf16 sse\n")
+    assert inference.cpu_has_fast_bf16("flags : fpu amx_bf16 amx_tile\n")
+    assert not inference.cpu_has_fast_bf16("flags : fpu avx512f avx2\n")
     cpu = torch.device("cpu")
-    assert evaluate.amp_dtype("auto", cpu) is None
-    assert evaluate.amp_dtype("bf16", cpu) is torch.bfloat16  # asked for by name: honoured
+    assert inference.amp_dtype("auto", cpu) is None
+    assert inference.amp_dtype("bf16", cpu) is torch.bfloat16  # asked for by name: honoured
 
 
 def test_init_from_starts_training_from_a_checkpoint(make_config) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -48,6 +49,21 @@ def _add_slide(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_inference_options(args: argparse.Namespace) -> None:
+    """``--scales``, ``--slide`` and ``--stride`` must be positive: refused in one line."""
+    from .config import ConfigError
+
+    for scale in args.scales or []:
+        if not (math.isfinite(scale) and scale > 0):
+            shown = " ".join(f"{s:g}" for s in args.scales)
+            raise ConfigError(f"--scales {shown}: each scale must be a number > 0, got {scale:g}")
+    for option, pair in (("--slide", args.slide), ("--stride", args.stride)):
+        if pair and min(pair) < 1:
+            raise ConfigError(
+                f"{option} {pair[0]} {pair[1]}: height and width must be positive (pixels)"
+            )
+
+
 def _load(args: argparse.Namespace, config: str | None = None):
     from .config import load_config
 
@@ -76,7 +92,7 @@ def cmd_data_fashionscenes(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from .config import DataConfig
+    from .config import ConfigError, DataConfig
     from .data.check import check_dataset, reports_json
 
     cfg = DataConfig(
@@ -87,7 +103,9 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         val_ratio=args.val_ratio,
         split_seed=args.split_seed,
     )
-    reports = check_dataset(cfg, args.split or ["train", "val"], args.bands)
+    if args.crop_size and min(args.crop_size) < 1:
+        raise ConfigError(f"--crop-size {args.crop_size[0]} {args.crop_size[1]}: must be positive")
+    reports = check_dataset(cfg, args.split or ["train", "val"], args.bands, args.crop_size)
     if args.json:
         print(reports_json(reports))
     else:
@@ -134,6 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .config import ConfigError, config_from_dict
     from .engine.checkpoint import load_model
 
+    _check_inference_options(args)
     model, ckpt_cfg, _ = load_model(args.checkpoint)
     if args.output:
         from .models.cooperative import select_output
@@ -190,9 +209,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .config import ConfigError
-    from .engine.evaluate import SlideWindow
+    from .engine.inference import SlideWindow
     from .engine.predict import predict_files
 
+    _check_inference_options(args)
     if args.stride and not args.slide:
         raise ConfigError("--stride needs --slide CROP_H CROP_W")
     backend = args.backend or ("onnxruntime" if args.model else "pytorch")
@@ -220,6 +240,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             onnx_model=args.model,
             on_unreadable=unreadable,
             masks_only=args.masks_only,
+            on_note=lambda line: print(f"coopseg: {line}", flush=True),
         )
     except ExportError as err:
         print(f"coopseg: error: {err}", file=sys.stderr)
@@ -402,6 +423,14 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--split-seed", type=int, default=0, help="folder without splits/")
     ck.add_argument(
         "--bands", type=int, help="band count every image must have (default: the most common)"
+    )
+    ck.add_argument(
+        "--crop-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="a training crop (data.crop_size) to check against the image sizes: warns when "
+        "most of it would be padding (auto's pick is always reported)",
     )
     ck.add_argument("--json", action="store_true", help="print one JSON object")
     ck.set_defaults(func=cmd_data_check)
@@ -595,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data.base import DataError
     from .engine.checkpoint import CheckpointError
+    from .engine.preemption import RunInterrupted
     from .engine.train import TrainingError
     from .models.backbones import PretrainedWeightsError
 
@@ -604,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, TrainingError, PretrainedWeightsError) as err:
         print(f"coopseg: error: {err}", file=sys.stderr)
         return 2
+    except RunInterrupted as err:  # last.pt written: 75 after SIGTERM/SIGUSR1, 130 Ctrl-C
+        return err.exit_status
     except KeyboardInterrupt:
         return 130
 

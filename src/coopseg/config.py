@@ -74,7 +74,9 @@ class DataConfig:
     batch_size: int = 8  # global batch (split across DDP processes)
     val_batch_size: int = 16
     num_workers: int = 0
-    crop_size: list[int] = field(default_factory=lambda: [128, 128])  # [height, width]
+    # [height, width] of the random training crop; auto: the training images' median
+    # size, at most 512x512 (resolved when training starts: the run's config.yaml has it)
+    crop_size: list[int] | str = field(default_factory=lambda: [128, 128])
     scale_range: list[float] = field(default_factory=lambda: [0.75, 1.5])
     # random scale drawn from this set instead (DF-DAM: [0.75, 1.0, ..., 2.0]); null = range
     scale_set: list[float] | None = None
@@ -656,7 +658,18 @@ def _check_values(cfg: Config) -> None:
     """Ranges and lengths the type check cannot see; each error names its key."""
     t, e, d = cfg.train, cfg.eval, cfg.data
     _check_ranges(cfg)
-    _check_pair(d.crop_size, "data.crop_size")
+    if isinstance(d.crop_size, str):
+        if d.crop_size != "auto":
+            raise ConfigError(
+                f"data.crop_size: expected [height, width] or auto, got {d.crop_size!r}"
+            )
+        if e.mode != "whole" and e.crop_size is None:
+            raise ConfigError(
+                f"eval.crop_size: eval.mode {e.mode} needs it when data.crop_size is auto "
+                "(known only once the images are read)"
+            )
+    else:
+        _check_pair(d.crop_size, "data.crop_size")
     if len(d.scale_range) != 2 or d.scale_range[0] > d.scale_range[1]:
         raise ConfigError(
             f"data.scale_range: expected [low, high] with 0 < low <= high, got {d.scale_range}"
@@ -676,7 +689,7 @@ def _check_values(cfg: Config) -> None:
     _check_loss(t, cfg.model.get("num_classes"))
     _check_pair(e.crop_size, "eval.crop_size")
     _check_pair(e.stride, "eval.stride")
-    if e.stride is not None:
+    if e.stride is not None and not (e.crop_size is None and isinstance(d.crop_size, str)):
         crop = e.crop_size or cfg.data.crop_size
         if any(s > c for s, c in zip(e.stride, crop, strict=False)):
             raise ConfigError(
@@ -716,9 +729,14 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         names = " -> ".join(str(p) for p in (*chain, path.resolve()))
         raise ConfigError(f"{path}: 'base' chain loops: {names}")
     try:
-        raw = yaml_load(path.read_text()) or {}
+        raw = yaml_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if raw is None:
+        raise ConfigError(
+            f"{path}: the file is empty (no config keys); write the keys to change, or "
+            "'base: <config>' to start from another config (e.g. base: demo)"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
     base = raw.pop("base", None)

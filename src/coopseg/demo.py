@@ -9,7 +9,7 @@ import torch
 
 from .config import PACKAGED_CONFIGS, load_config
 from .engine.checkpoint import load_model
-from .engine.evaluate import predict_probs
+from .engine.inference import predict_probs
 from .visualize import save_grid
 
 DEMO_CONFIG = PACKAGED_CONFIGS / "demo.yaml"

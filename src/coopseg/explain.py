@@ -229,7 +229,7 @@ def analyse(
     """Run ``model`` (eval mode) on one normalised image ``[1, 3, H, W]`` and collect
     every output and the attention. Query pixels: ``queries``, else chosen on
     ``labels_for_queries`` (a mask), else on the prediction."""
-    from .engine.evaluate import predict_outputs
+    from .engine.inference import predict_outputs
 
     model.eval()
     size = tuple(x.shape[-2:])
@@ -392,8 +392,11 @@ def who_is_right(
 def read_mask(path: Path, palette: Sequence[Sequence[int]], size: Sequence[int]) -> np.ndarray:
     """A class-index mask: an indexed or grey PNG (values are classes), or an RGB one in
     the model's palette; must match the image's size."""
+    from .data.files import upright
+
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as raw:
+            img = upright(raw)  # displayed orientation, as the image is read
             if img.mode in ("RGB", "RGBA"):
                 rgb = np.asarray(img.convert("RGB"))
                 mask = np.full(rgb.shape[:2], -1, dtype=np.int64)
@@ -446,9 +449,9 @@ def explain_image(
 ) -> dict[str, Any]:
     """Write the attention and member pictures of ``image`` to ``out_dir``, the raw
     maps to ``attention.npz`` and an index to ``explain.json`` (returned)."""
+    from .data.files import read_rgb
     from .engine.checkpoint import load_model
     from .engine.distributed import resolve_device
-    from .engine.predict import read_rgb
 
     dev = resolve_device(device)
     model, cfg, info = load_model(checkpoint, dev)

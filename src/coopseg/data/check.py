@@ -10,10 +10,12 @@ stop a run hours in. This check reads everything and reports, per split:
   files), ``unreadable`` (corrupt or truncated file), ``bad_format`` (wrong image
   or mask mode), ``size_mismatch`` (mask and image sizes differ), ``bad_label``
   (values outside the class set, unknown colours or label ids);
-* the class pixel histogram and how many images contain each class, image sizes,
-  band counts (an image whose band count differs from ``--bands``, or without it
-  from the most common count, is a ``bad_format`` error), and warnings (classes
-  never seen in the split).
+* the class pixel histogram and how many images contain each class, image sizes
+  (in displayed orientation: EXIF applied, as training reads them), the training crop
+  against them (what ``data.crop_size: auto`` picks, and a warning when a crop given
+  with ``--crop-size`` is mostly padding), band counts (an image whose band count
+  differs from ``--bands``, or without it from the most common count, is a
+  ``bad_format`` error), and warnings (classes never seen in the split).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 from ..config import ConfigError, DataConfig
 from .base import DataError, SegmentationDataset, check_pair
 from .files import FileDataset, Problem, read_image
+from .sizes import auto_crop, crop_report
 
 
 @dataclass
@@ -44,6 +47,8 @@ class SplitReport:
     ignore_pixels: int = 0
     sizes: dict[str, int] = field(default_factory=dict)  # "WxH" -> number of images
     bands: dict[str, int] = field(default_factory=dict)  # band count -> number of images
+    auto_crop: list[int] | None = None  # [height, width] data.crop_size auto would train
+    crop_size: list[int] | None = None  # the crop checked against the sizes (--crop-size)
     errors: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -77,6 +82,11 @@ class SplitReport:
         if self.bands:
             counts = ", ".join(f"{b} x{n}" for b, n in sorted(self.bands.items()))
             lines.append(f"bands: {counts}")
+        if self.auto_crop:
+            line = f"crop: data.crop_size auto trains {self.auto_crop[0]}x{self.auto_crop[1]}"
+            if self.crop_size:
+                line += f"; --crop-size {self.crop_size[0]}x{self.crop_size[1]} checked"
+            lines.append(line)
         lines += [f"warning: {w}" for w in self.warnings]
         if self.errors:
             counts = ", ".join(f"{k} {n}" for k, n in Counter(p.kind for p in self.errors).items())
@@ -107,16 +117,21 @@ def _read(dataset: SegmentationDataset, index: int) -> tuple[list[DataError], tu
 
 
 def check_split(
-    dataset: SegmentationDataset, report: SplitReport, bands: int | None = None
+    dataset: SegmentationDataset,
+    report: SplitReport,
+    bands: int | None = None,
+    crop_size: Sequence[int] | None = None,
 ) -> SplitReport:
     """Read every sample of ``dataset`` and add what was found to ``report``; ``bands``:
-    the band count every image must have (default: the most common one)."""
+    the band count every image must have (default: the most common one); the training
+    crop (``crop_size``, and what ``auto`` picks) against the image sizes."""
     k = dataset.num_classes
     report.class_names = list(dataset.class_names)
     pixels = np.zeros(256, dtype=np.int64)
     images = np.zeros(256, dtype=np.int64)
     sizes: Counter[str] = Counter()
     band_counts: dict[str, int] = {}  # sample name -> its band count
+    shapes: list[tuple[int, int]] = []
     report.samples = len(dataset)
     for i in range(len(dataset)):
         name = dataset.describe(i)
@@ -135,6 +150,7 @@ def check_split(
         pixels += hist
         images += hist > 0
         sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
+        shapes.append(image.shape[:2])
     counted = Counter(band_counts.values())
     report.bands = {str(b): n for b, n in sorted(counted.items())}
     expected = bands or (counted.most_common(1)[0][0] if counted else None)
@@ -148,6 +164,13 @@ def check_split(
     report.images = images[:k].tolist()
     report.ignore_pixels = int(pixels[dataset.ignore_index])
     report.sizes = dict(sizes)
+    if shapes:
+        report.auto_crop = auto_crop(shapes)
+        if crop_size is not None:
+            report.crop_size = [int(c) for c in crop_size]
+            warning = crop_report(report.crop_size, shapes, f"the {report.split} images")
+            if warning:
+                report.warnings.append(warning)
     unseen = [n for n, c in zip(dataset.class_names, report.images, strict=False) if c == 0]
     if unseen and report.samples:
         report.warnings.append(f"classes with no labelled pixel in this split: {unseen}")
@@ -155,9 +178,14 @@ def check_split(
 
 
 def check_dataset(
-    cfg: DataConfig, splits: Sequence[str], bands: int | None = None
+    cfg: DataConfig,
+    splits: Sequence[str],
+    bands: int | None = None,
+    crop_size: Sequence[int] | None = None,
 ) -> list[SplitReport]:
-    """One report per split; layout problems and unopenable data sets are hard errors."""
+    """One report per split; layout problems and unopenable data sets are hard errors.
+    ``bands``: the band count every image must have; ``crop_size``: a training crop to
+    check against the image sizes."""
     from . import open_dataset
 
     reports = []
@@ -172,7 +200,7 @@ def check_dataset(
             continue
         if isinstance(dataset, FileDataset):
             report.errors.extend(dataset.problems)
-        reports.append(check_split(dataset, report, bands))
+        reports.append(check_split(dataset, report, bands, crop_size))
     return reports
 
 

@@ -69,11 +69,43 @@ def summarize(problems: Sequence[Problem], what: str) -> str:
     return "\n".join(lines)
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag phones write instead of rotating the pixels
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as every viewer shows it: its EXIF orientation applied (a phone photo
+    taken upright is stored sideways with orientation 6). Without the tag, ``img``
+    itself; the same transposes as ``PIL.ImageOps.exif_transpose``."""
+    method = _TRANSPOSE.get(img.getexif().get(EXIF_ORIENTATION, 1))
+    return img if method is None else img.transpose(method)
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` of an image file as displayed, from its header only (a PNG's
+    EXIF is looked for before the pixels: Pillow would decode the file to find a late one)."""
+    with Image.open(path) as img:
+        w, h = img.size
+        if img.format == "PNG" and "exif" not in img.info:
+            return w, h
+        return (h, w) if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
+
+
 def read_rgb(path: Path) -> np.ndarray:
-    """An image file as uint8 ``[H, W, 3]``; DataError naming the file if unreadable."""
+    """An image file as uint8 ``[H, W, 3]`` in its displayed orientation (EXIF applied,
+    :func:`upright`); DataError naming the file if unreadable."""
     try:
         with Image.open(path) as img:
-            return np.array(img.convert("RGB"))  # a writable copy (torch warns on read-only)
+            # a writable copy (torch warns on read-only arrays)
+            return np.array(upright(img).convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found", "missing_pair") from None
     except (OSError, UnidentifiedImageError, ValueError) as exc:
@@ -164,11 +196,12 @@ def _read_tiff(path: Path) -> np.ndarray:
 
 
 def open_mask(path: Path) -> Image.Image:
-    """A mask file, fully decoded; DataError naming the file if unreadable."""
+    """A mask file, fully decoded, in its displayed orientation (:func:`upright`, like
+    the image); DataError naming the file if unreadable."""
     try:
         img = Image.open(path)
         img.load()
-        return img
+        return upright(img)
     except FileNotFoundError:
         raise DataError(f"{path}: mask file not found", "missing_pair") from None
     except (OSError, UnidentifiedImageError, ValueError) as exc:

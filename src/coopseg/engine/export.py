@@ -35,7 +35,7 @@ from torch import nn
 from .. import __version__
 from ..config import Config, ConfigError
 from ..fileio import atomic_write
-from .evaluate import output_label
+from .inference import output_label
 
 __all__ = [
     "ExportError",

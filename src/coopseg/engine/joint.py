@@ -58,10 +58,12 @@ from ..data.joint import (
     scene_class_labels,
 )
 from ..data.sampling import shard_indices
+from ..data.sizes import fit_crop
 from ..data.transforms import NORMALIZE_MODES, data_transform
 from ..models import create_model
 from .distributed import DistInfo, all_reduce_sum, init_distributed
-from .evaluate import amp_dtype, autocast_context, check_class_count, evaluate
+from .evaluate import check_class_count, evaluate
+from .inference import amp_dtype, autocast_context
 from .loop import TrainingError, TrainingLoop, TrainResult
 from .metrics import SegMetrics
 from .train import (
@@ -261,6 +263,9 @@ class JointTrainer(TrainingLoop):
         super().__init__(cfg, show_progress)
         self.tasks = tuple(t for t in AGENTS if t in tasks)
         t, j = cfg.train, cfg.joint
+        for line in fit_crop(cfg.data):  # crop_size auto resolved; a crop far too large
+            if self.dist.is_main:
+                print(f"[{cfg.name}] {line}", flush=True)
 
         self.train_set, self.val_set = (
             joint_scenes(cfg.data, "train"),

@@ -8,7 +8,9 @@ scheduler and scaler per agent, calls :meth:`TrainingLoop.begin`, and says how o
 iteration steps (:meth:`~TrainingLoop.train_step`) and what validation records
 (:meth:`~TrainingLoop.validation`). Everything about surviving faults lives here once:
 ``train.resume: auto``, the ``last.prev.pt`` fallback, checkpoints by iteration and by
-time, a stretched schedule when a finished run is extended.
+time, a stretched schedule when a finished run is extended, stopping on SIGTERM, SIGUSR1
+or Ctrl-C after the current step with ``last.pt`` written (:mod:`.preemption`), and one
+writer per run folder (:mod:`.runlock`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from .distributed import DistInfo, all_reduce_sum, init_distributed
 from .ema import build_ema, precise_bn
 from .logging import RunLogger
 from .metrics import SegMetrics
+from .preemption import RunInterrupted, StopSignals, ignore_stop_signals
+from .runlock import RunLock, RunLockedError
 from .schedule import TrainingClock, build_scheduler, describe_schedule, schedule_done
 
 
@@ -196,6 +200,32 @@ class TrainingLoop:
     def eval_model(self) -> nn.Module:
         """What validation evaluates and the weight files hold: the EMA when on."""
         return self.ema.module if self.ema is not None else self.model
+        self.run_lock = RunLock(self.run_dir)
+        self._claim_run_dir()
+
+    def _claim_run_dir(self) -> None:
+        """Before any work: rank 0 creates the run folder and locks it (a second job on
+        it is refused, naming the holder); under DDP every rank fails alike."""
+        problem = ""
+        if self.dist.is_main:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.run_lock.acquire()
+            except RunLockedError as err:
+                problem = str(err)
+            except OSError as err:
+                problem = (
+                    f"out_dir: cannot write the run folder {self.run_dir} "
+                    f"({err.strerror or err}); choose another out_dir (--set out_dir=...)"
+                )
+            if self.run_lock.warning:
+                print(f"[{self.cfg.name}] warning: {self.run_lock.warning}", flush=True)
+        if self.dist.distributed:
+            flag = all_reduce_sum(torch.tensor([float(bool(problem))], device=self.device))
+            if flag.item() > 0 and not problem:
+                problem = f"rank 0 cannot claim the run folder {self.run_dir} (its error says why)"
+        if problem:
+            raise TrainingError(problem)
 
     def begin(self, resume: bool | str | None) -> None:
         """After the subclass built everything: start fresh or restore (``train.resume``)."""
@@ -335,6 +365,7 @@ class TrainingLoop:
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
             generator=torch.Generator(),  # keep the global RNG untouched (resume equality)
+            worker_init_fn=ignore_stop_signals if workers > 0 else None,
         )
 
     # -- the loop ----------------------------------------------------------------
@@ -394,6 +425,7 @@ class TrainingLoop:
             mininterval=0.5 if sys.stderr.isatty() else 30.0,  # keep log files short
         )
         streams = self.batch_streams()
+        signals, stopped = StopSignals().install(), None
         try:
             while not schedule_done(t, self.iteration, self.train_clock):
                 self.train_clock.start()
@@ -439,6 +471,11 @@ class TrainingLoop:
                         f"iteration {it}; stopping (resumable with --resume)"
                     )
                     break
+                stopped = None if finished else signals.agreed(self.dist)
+                if stopped is not None:  # SIGTERM, SIGUSR1 or Ctrl-C on any rank
+                    if not (by_time or by_count):
+                        self.save_checkpoint()
+                    break
         except KeyboardInterrupt:
             self.save_checkpoint()
             bar.write(
@@ -447,8 +484,15 @@ class TrainingLoop:
             )
             raise
         finally:
+            signals.restore()
             bar.close()
             logger.close()
+            self.run_lock.release()
+        if stopped is not None:
+            err = RunInterrupted(stopped, self.iteration, str(self.ckpt_dir / "last.pt"))
+            if self.dist.is_main:
+                print(f"[{cfg.name}] {err}", flush=True)
+            raise err
         if self.dist.is_main and self.save_weight_files:
             save_weights(
                 self.ckpt_dir / "final.safetensors",

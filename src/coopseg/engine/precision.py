@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from .distributed import DistInfo, broadcast_from_main
-from .evaluate import amp_dtype, cpu_has_fast_bf16
+from .inference import amp_dtype, cpu_has_fast_bf16
 
 Step = Callable[[torch.dtype | None], None]  # one training step in a precision (None: fp32)
 

@@ -1,7 +1,7 @@
 """``coopseg predict``: colour masks and overlays for image files of any size.
 
 Two backends run the same pre- and post-processing (normalisation, multi-scale, flip,
-sliding windows: :func:`~coopseg.engine.evaluate.predict_probs`): ``pytorch`` on a
+sliding windows: :func:`~coopseg.engine.inference.predict_probs`): ``pytorch`` on a
 checkpoint, ``onnxruntime`` on a graph written by ``coopseg export`` (its metadata
 carries the classes, palette, mean and std).
 
@@ -20,15 +20,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..config import ConfigError
 from ..data.base import DataError
-from ..data.files import read_image
+from ..data.files import read_image, read_rgb
 from ..data.transforms import standardize
 from ..visualize import colorize, display_rgb, overlay, palette_image
 from .distributed import resolve_device
-from .evaluate import SlideWindow, predict_probs
+from .inference import SlideWindow, predict_probs
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".npy"}
 BACKENDS = ("pytorch", "onnxruntime")
@@ -113,14 +113,6 @@ def output_stems(files: Sequence[Path]) -> dict[Path, str]:
         used.add(name)
         names[path] = name
     return names
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            return np.array(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"{path}: cannot read image ({err})") from err
 
 
 @dataclass
@@ -226,25 +218,31 @@ def load_predictor(
     )
 
 
-def _check_graph_options(
-    predictor: Predictor, scales: Sequence[float], slide: SlideWindow | None
-) -> None:
-    """A fixed-size graph takes its own size only: refuse, before any work, options
-    that would feed it another (a window of another size, rescaled whole images)."""
+def graph_window(predictor: Predictor, slide: SlideWindow | None) -> tuple[SlideWindow | None, str]:
+    """The window to predict with, and a note saying why when it is not the user's.
+
+    A fixed-size graph takes its own size only: without ``slide`` every image goes
+    through sliding windows of that size (the same code and the same masks as the
+    PyTorch path with ``--slide H W``); a window of another size is refused before any
+    work."""
     if predictor.onnx is None or predictor.onnx.fixed_size is None:
-        return
+        return slide, ""
     h, w = predictor.onnx.fixed_size
-    fix = f"use --slide {h} {w}, or export with --dynamic"
-    if slide is not None and tuple(slide.crop) != (h, w):
-        raise ConfigError(
-            f"--slide {slide.crop[0]} {slide.crop[1]}: {predictor.onnx.path} takes {h}x{w} "
-            f"images only (exported without --dynamic): {fix}"
-        )
-    if slide is None and list(scales) != [1.0]:
-        raise ConfigError(
-            f"--scales: {predictor.onnx.path} takes {h}x{w} images only, and rescaled images "
-            f"have other sizes: {fix}"
-        )
+    if slide is not None:
+        if tuple(slide.crop) != (h, w):
+            raise ConfigError(
+                f"--slide {slide.crop[0]} {slide.crop[1]}: {predictor.onnx.path} takes "
+                f"{h}x{w} images only (exported without --dynamic): use --slide {h} {w} "
+                "(or leave --slide out), or export with --dynamic"
+            )
+        return slide, ""
+    window = SlideWindow.create((h, w))
+    sh, sw = window.stride
+    return window, (
+        f"{predictor.onnx.path} is a fixed {h}x{w} graph (exported without --dynamic): "
+        f"every image is predicted through {h}x{w} sliding windows, stride {sh}x{sw} "
+        f"(as --slide {h} {w}); export with --dynamic to predict whole images"
+    )
 
 
 @torch.no_grad()
@@ -262,6 +260,7 @@ def predict_files(
     onnx_model: str | Path | None = None,
     on_unreadable: Callable[[Path, str], None] | None = None,
     masks_only: bool = False,
+    on_note: Callable[[str], None] | None = None,
 ) -> PredictReport:
     """Write ``<name>_mask.png`` (indexed, palette) and ``<name>_overlay.png`` per image.
 
@@ -270,14 +269,19 @@ def predict_files(
     of a cooperative model (``output``) for a test-split submission.
 
     ``<name>`` is the stem, made unique (:func:`output_stems`). ``slide`` keeps memory
-    bounded on large photos (windows of a fixed size). Unreadable inputs are skipped
+    bounded on large photos (windows of a fixed size); a fixed-size ONNX graph predicts
+    through windows of its size unless ``slide`` is given (:func:`graph_window`, said
+    once through ``on_note``). Images are read in their displayed orientation (EXIF
+    applied), and the outputs have that orientation. Unreadable inputs are skipped
     and reported (``on_unreadable`` as they happen); a model or an option that cannot
     work raises before any file is written.
     """
     predictor = load_predictor(
         checkpoint, backend=backend, onnx_model=onnx_model, device=device, output=output
     )
-    _check_graph_options(predictor, scales, slide)
+    slide, note = graph_window(predictor, slide)
+    if note and on_note is not None:
+        on_note(note)
     dev = predictor.device
     report = PredictReport()
 
@@ -300,11 +304,6 @@ def predict_files(
             skip(path, str(err))
             continue
         x = x.to(dev)
-        if predictor.onnx is not None and slide is None:
-            try:
-                predictor.onnx.check_size(*x.shape[-2:])
-            except ConfigError as err:
-                raise ConfigError(f"{path}: {err}") from None
         probs = predict_probs(predictor.model, predictor.prepare(x), scales, flip, slide=slide)
         pred = probs.argmax(1)[0].cpu().numpy()
         report.predicted += 1

@@ -256,6 +256,10 @@ def config_input_size(cfg: Any) -> tuple[tuple[int, int], str]:
     ``profile`` and ``export`` default to it, so a 128x128 config is not costed at 512x512."""
     if getattr(cfg.eval, "mode", "whole") != "whole" and cfg.eval.crop_size:
         return _hw(cfg.eval.crop_size), "eval.crop_size"
+    if cfg.data.crop_size == "auto":  # the data decides, up to 512x512: cost the largest
+        from ..data.sizes import AUTO_CROP_MAX
+
+        return (AUTO_CROP_MAX, AUTO_CROP_MAX), "data.crop_size auto (its largest)"
     return _hw(cfg.data.crop_size), "data.crop_size"
 
 

@@ -19,18 +19,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import Config, ConfigError, TrainConfig, model_kwargs
 from ..data import SegmentationDataset, build_datasets
+from ..data.sizes import fit_crop
 from ..models import create_model
 from ..models.backbones import find_backbones, stage_parameters, weight_sources
 from .checkpoint import CheckpointError, init_model_from, save_weights
 from .distill import Teacher, mutual_loss, soft_kl, student_logits
 from .distributed import DistInfo
-from .evaluate import (
-    autocast_context,
-    center_region,
-    check_class_count,
-    evaluate_outputs,
-    slide_window,
-)
+from .evaluate import check_class_count, evaluate_outputs
+from .inference import autocast_context, center_region, slide_window
 from .loop import TrainingError, TrainingLoop, TrainResult
 from .loss import SegmentationLoss
 from .metrics import SegMetrics
@@ -124,6 +120,10 @@ class Trainer(TrainingLoop):
         super().__init__(cfg, show_progress)
         self.output_metrics: dict[str, SegMetrics] = {}
         self.best_by_output: dict[str, float] = {}  # cooperative: each output's best mIoU
+        self.crop_notes = fit_crop(cfg.data)  # crop_size auto resolved; a crop far too large
+        if self.dist.is_main:
+            for line in self.crop_notes:
+                print(f"[{cfg.name}] {line}", flush=True)
         self.train_set, self.val_set = build_datasets(cfg.data)
         check_class_count(cfg, self.train_set)
         self.info = dataset_info(self.train_set)
