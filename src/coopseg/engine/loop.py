@@ -189,6 +189,8 @@ class TrainingLoop:
         # training seconds: the time schedule's progress, restored on resume
         self.train_clock = TrainingClock()
         self.ema: torch.optim.swa_utils.AveragedModel | None = None  # train.ema_decay
+        self.run_lock = RunLock(self.run_dir)
+        self._claim_run_dir()
 
     def build_scheduler(
         self, optimizer: torch.optim.Optimizer
@@ -200,8 +202,6 @@ class TrainingLoop:
     def eval_model(self) -> nn.Module:
         """What validation evaluates and the weight files hold: the EMA when on."""
         return self.ema.module if self.ema is not None else self.model
-        self.run_lock = RunLock(self.run_dir)
-        self._claim_run_dir()
 
     def _claim_run_dir(self) -> None:
         """Before any work: rank 0 creates the run folder and locks it (a second job on
