@@ -117,33 +117,23 @@ MODES: dict[str, dict[str, Any]] = {
         "val_interval": 60,
         "rows": CLAIM_ROWS,
     },
-    # the claims register's budget (docstring: 1000 iterations x 6 seeds in ~60 min)
-    "full": {
-        "iterations": 1000,
-        "scene_size": 64,
-        "train_scenes": 2000,
-        "val_scenes": 500,
-        "cls_scenes_ratio": 4,
-        "batch_size": 8,
-        "lr": LR,
-        "pretrained_lr": LR,
-        "widths": [8, 16, 32, 64],
-        "blocks": 1,
-        "cls_lr_ratio": 30.0,
-        "cls_batch_ratio": 4,
-        "val_interval": 200,
-        "rows": [
-            *CLAIM_ROWS,
-            "jointseg-paper",
-            "jointseg-noise50",
-            "timm-vgg19",
-            "timm-inception_v3",
-            "fcn8s-imagenet",
-            "unet-imagenet",
-            "fcn8s-classifier",
-            "unet-classifier",
-        ],
-    },
+}
+# the claims register's budget (docstring: 1000 iterations x 6 seeds in ~60 min)
+MODES["full"] = {
+    **MODES["quick"],
+    "iterations": 1000,
+    "val_interval": 200,
+    "rows": [
+        *CLAIM_ROWS,
+        "jointseg-paper",
+        "jointseg-noise50",
+        "timm-vgg19",
+        "timm-inception_v3",
+        "fcn8s-imagenet",
+        "unet-imagenet",
+        "fcn8s-classifier",
+        "unet-classifier",
+    ],
 }
 # The claims register (``coopseg bench register``): the full budget on the claim rows.
 MODES["register"] = {**MODES["full"], "rows": list(CLAIM_ROWS)}
