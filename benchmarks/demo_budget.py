@@ -15,7 +15,8 @@ variant; ``--variants`` picks some, ``--redo`` runs them again).
 Variants (all: the demo's max_time_s cap of 285 s; "time": its 265-s time budget):
 ``fp32|bf16-iterations`` the old demo, 780 iterations; ``fp32|bf16-time`` the time
 budget, no precise BN; ``fp32-time+precise_bn`` / ``+ema`` / ``+workers1`` one lever on
-top of ``fp32-time``; ``demo`` the config as shipped (amp auto, precise BN). Wall time
+top of ``fp32-time``; ``demo`` the config as it shipped first (amp auto, precise BN),
+``demo+ema`` with the EMA on top (the demo as shipped since that pass). Wall time
 is the training call's (data, probe, training, checkpoints, precise BN, the final
 validation); ``train_s`` is the time schedule's clock (training steps only).
 ``--smoke`` shrinks every variant to a few iterations on 64 scenes: its figures mean
@@ -64,6 +65,7 @@ def variants(s: dict) -> dict[str, list[str]]:
         "fp32-time+ema": ["train.amp=none", plain, f"train.ema_decay={s['ema']}"],
         "fp32-time+workers1": ["train.amp=none", plain, "data.num_workers=1"],
         "demo": [f"train.precise_bn_batches={s['precise_bn']}"],
+        "demo+ema": [f"train.precise_bn_batches={s['precise_bn']}", f"train.ema_decay={s['ema']}"],
     }
 
 
