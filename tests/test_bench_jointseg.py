@@ -117,12 +117,13 @@ def test_scores_keep_the_final_and_the_best_pass() -> None:
         {"iteration": 4, "miou": 0.30, "cls_top1": 0.4, "cls_top2": 0.8, "cls_binary": 0.6},
         {"iteration": 6, "miou": 0.20, "cls_top1": 0.45, "cls_top2": 0.9, "cls_binary": 0.7},
     ]
-    got = bench.scores(history)
-    assert got["seg"] == pytest.approx({"final": 20.0, "best": 30.0})
-    assert got["cls_top1"] == pytest.approx({"final": 45.0, "best": 50.0})
-    assert got["cls_top2"] == pytest.approx({"final": 90.0, "best": 90.0})
-    assert got["cls_binary"] == pytest.approx({"final": 70.0, "best": 70.0})
-    assert bench.scores([{"iteration": 2, "miou": 0.25}]) == {"seg": {"final": 25.0, "best": 25.0}}
+    got = runner.scores_from_history(history, bench.SCORE_KEYS)
+    assert got["seg"] == pytest.approx({"final": 20.0, "best": 30.0, "best_iteration": 4})
+    assert got["cls_top1"] == pytest.approx({"final": 45.0, "best": 50.0, "best_iteration": 2})
+    assert got["cls_top2"] == pytest.approx({"final": 90.0, "best": 90.0, "best_iteration": 6})
+    assert got["cls_binary"] == pytest.approx({"final": 70.0, "best": 70.0, "best_iteration": 6})
+    one = runner.scores_from_history([{"iteration": 2, "miou": 0.25}], bench.SCORE_KEYS)
+    assert one == {"seg": {"final": 25.0, "best": 25.0, "best_iteration": 2}}
 
 
 def test_classifier_pretrained_rows_start_from_the_classifier_encoder(tmp_path, monkeypatch):

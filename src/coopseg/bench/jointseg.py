@@ -398,21 +398,14 @@ def _model_for(spec: Row, cfg: Config) -> torch.nn.Module:
     return baseline_segmenter(spec.arch, cfg.model["widths"], state, cfg.model["blocks"])
 
 
-# score name -> the validation record's key (``TrainResult.history``)
-SCORE_KEYS = {"seg": "miou", "cls_top1": "cls_top1", "cls_top2": "cls_top2"}
-SCORE_KEYS["cls_binary"] = "cls_binary"
-
-
-def scores(history: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    """``{name: {"final", "best"}}`` in percent over the validation passes of a run
-    (``seg``: val mIoU; ``cls_top1``/``cls_top2``/``cls_binary``: the classifier's):
-    "final" the last pass, "best" the best one (the papers keep the best checkpoint)."""
-    out = {}
-    for name, key in SCORE_KEYS.items():
-        values = [100 * float(r[key]) for r in history if key in r]
-        if values:
-            out[name] = {"final": values[-1], "best": max(values)}
-    return out
+# score name -> the validation record's key (``TrainResult.history``): ``seg`` is the val
+# mIoU, ``cls_*`` the classifier's top-1/top-2/binary accuracy
+SCORE_KEYS = {
+    "seg": "miou",
+    "cls_top1": "cls_top1",
+    "cls_top2": "cls_top2",
+    "cls_binary": "cls_binary",
+}
 
 
 def train_row(cfg: Config, keep_checkpoints: bool = False) -> dict[str, Any]:
@@ -436,7 +429,7 @@ def train_row(cfg: Config, keep_checkpoints: bool = False) -> dict[str, Any]:
         result["iou"] = list(outcome.last_metrics.iou)
     if spec.classifies and outcome.last_cls is not None:
         result |= {k: outcome.last_cls[k] for k in ("top1", "top2", "binary")}
-    result["scores"] = scores(outcome.history)
+    result["scores"] = runner.scores_from_history(outcome.history, SCORE_KEYS)
     result["val_iterations"] = [r["iteration"] for r in outcome.history]
     if row_of(cfg) == "classifier":
         state = trainer.model.encoder.state_dict()

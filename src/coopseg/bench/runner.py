@@ -88,28 +88,37 @@ def run_one(cfg: Config, keep_checkpoints: bool = False) -> dict[str, Any]:
         "miou": {name: m.miou for name, m in metrics.items()},
         "iou": {name: list(m.iou) for name, m in metrics.items()},
         "pixel_acc": {name: m.pixel_acc for name, m in metrics.items()},
-        "scores": scores_from_history(outcome.history, list(metrics)),
+        "scores": scores_from_history(outcome.history, output_score_keys(list(metrics))),
         **costs,
     }
     del trainer
     return finish_run(cfg, result, keep_checkpoints)
 
 
-def scores_from_history(history: Sequence[Mapping[str, Any]], outputs: Sequence[str]) -> dict:
-    """Each output's val mIoU in %: ``{"final": last pass, "best": best pass,
-    "best_iteration": …}``. The papers keep each network's best validation checkpoint
-    ("the validation set to get the best model"); the final one stands beside it.
-    A single network's one output ``out`` is named ``top``, as in a pair."""
+def scores_from_history(
+    history: Sequence[Mapping[str, Any]], keys: Mapping[str, str]
+) -> dict[str, dict[str, float]]:
+    """Each score in % over a run's validation passes, ``{label: {"final": last pass,
+    "best": best pass, "best_iteration": …}}``, reading ``record[keys[label]]``. The
+    papers keep each network's best validation checkpoint ("the validation set to get
+    the best model"); the final one stands beside it."""
     scores: dict[str, dict[str, float]] = {}
-    for name in outputs:
-        key = "miou" if len(outputs) == 1 else f"miou_{name}"
-        passes = [(r["iteration"], 100 * r[key]) for r in history if r.get(key) is not None]
+    for label, key in keys.items():
+        passes = [(r["iteration"], 100 * float(r[key])) for r in history if r.get(key) is not None]
         if not passes:
             continue
         best_it, best = max(passes, key=lambda p: p[1])
-        label = "top" if name == "out" else name
         scores[label] = {"final": passes[-1][1], "best": best, "best_iteration": best_it}
     return scores
+
+
+def output_score_keys(outputs: Sequence[str]) -> dict[str, str]:
+    """A segmentation run's score label -> validation record key: a single network's one
+    output ``out`` is named ``top`` (as in a pair) and logged as ``miou``; a pair's
+    outputs are logged as ``miou_<output>``."""
+    if len(outputs) == 1:
+        return {"top" if outputs[0] == "out" else outputs[0]: "miou"}
+    return {name: f"miou_{name}" for name in outputs}
 
 
 def _plain(cfg: Config) -> dict[str, Any]:
