@@ -96,3 +96,15 @@ def make_config(tiny_scenes: Path, tmp_path: Path):
         return tiny_config(tiny_scenes, tmp_path / "runs", **sections)
 
     return factory
+
+
+def trained_weights(trainer: Any) -> dict[str, torch.Tensor]:
+    """A copy of a trainer's model weights (to compare runs after training)."""
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Two state dicts bit-equal, key by key (resume and pre-emption equality)."""
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)

@@ -13,15 +13,7 @@ from coopseg.engine import checkpoint as ckpt_module
 from coopseg.engine.checkpoint import CheckpointError, load_training_state
 from coopseg.engine.train import Trainer, TrainingError
 
-
-def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-
-
-def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+from .conftest import assert_same_state, trained_weights
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +24,7 @@ def straight(tiny_scenes, tmp_path_factory) -> dict[str, torch.Tensor]:
     cfg = tiny_config(tiny_scenes, tmp_path_factory.mktemp("straight"), name="straight")
     trainer = Trainer(cfg, show_progress=False)
     trainer.train()
-    return _weights(trainer)
+    return trained_weights(trainer)
 
 
 def test_resume_auto_starts_fresh_then_continues(make_config, straight) -> None:
@@ -43,7 +35,7 @@ def test_resume_auto_starts_fresh_then_continues(make_config, straight) -> None:
     second = Trainer(make_config(name="auto", train={"resume": "auto"}), show_progress=False)
     assert second.iteration == 1 and "resuming from" in second.resume_note
     second.train()
-    _assert_equal(_weights(second), straight)
+    assert_same_state(trained_weights(second), straight)
     with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
         Trainer(make_config(name="none-yet"), resume=True, show_progress=False)
 
@@ -75,7 +67,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(make_config, strai
     assert "last.prev.pt" in resumed.resume_note and "skipped" in resumed.resume_note
     assert "last.pt: unreadable" in resumed.resume_note
     resumed.train()
-    _assert_equal(_weights(resumed), straight)
+    assert_same_state(trained_weights(resumed), straight)
 
 
 def test_crash_between_the_two_renames_leaves_a_checkpoint(make_config, monkeypatch) -> None:
@@ -141,10 +133,10 @@ def test_extending_a_finished_run_continues_the_schedule(make_config) -> None:
     expected = base * (1 - 4 / 8) ** longer.train.poly_power
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
     assert "train.iterations 4 -> 8" in trainer.schedule_note
-    before = _weights(trainer)
+    before = trained_weights(trainer)
     trainer.train()
     assert trainer.iteration == 8
-    moved = any(not torch.equal(before[k], v) for k, v in _weights(trainer).items())
+    moved = any(not torch.equal(before[k], v) for k, v in trained_weights(trainer).items())
     assert moved  # not at lr 0
     shorter = make_config(name="extend", train={"iterations": 5})
     with pytest.raises(TrainingError, match="below the checkpoint's iteration 8"):

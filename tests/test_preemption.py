@@ -21,15 +21,7 @@ from coopseg.engine.checkpoint import load_training_state
 from coopseg.engine.preemption import RESUMABLE_EXIT, RunInterrupted, StopSignals
 from coopseg.engine.train import Trainer
 
-
-def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-
-
-def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+from .conftest import assert_same_state, trained_weights
 
 
 def _signal_at(trainer: Trainer, iteration: int, sig: signal.Signals) -> None:
@@ -86,7 +78,7 @@ def test_sigusr1_finishes_the_step_saves_and_resumes_equal(make_config, straight
     )
     assert resumed.iteration == 2
     resumed.train()
-    _assert_equal(_weights(resumed), _weights(straight))
+    assert_same_state(trained_weights(resumed), trained_weights(straight))
     assert resumed.history == straight.history  # validated at 2 before stopping, as in one go
 
 
@@ -236,4 +228,4 @@ def test_sigterm_mid_run_exits_75_and_resume_ends_equal(
     resumed = Trainer(cfg, resume="auto", show_progress=False)
     assert resumed.iteration == saved
     resumed.train()
-    _assert_equal(_weights(resumed), _weights(straight))
+    assert_same_state(trained_weights(resumed), trained_weights(straight))
