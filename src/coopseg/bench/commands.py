@@ -110,7 +110,7 @@ def cmd_bench_jointseg(args: argparse.Namespace) -> int:
 def cmd_bench_register(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .claims import STORE, run_register, select, write
+    from .claims import STORE, evaluate, run_register, select, write
     from .report import machine
 
     claims = select(args.papers)
@@ -136,8 +136,6 @@ def cmd_bench_register(args: argparse.Namespace) -> int:
         train=not args.report_only,
         on_result=show,
     )
-    from .claims import evaluate
-
     entries = evaluate(claims, results)
     meta = {"mode": args.mode, "seeds": list(args.seeds), "machine": machine()}
     text = write(entries, Path(args.claims) if args.claims else default_claims, meta)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +98,7 @@ class Teacher:
         from ..models.cooperative import select_output
         from .checkpoint import load_model
 
-        model, cfg, info = load_model(checkpoint, device)
+        model, cfg, _ = load_model(checkpoint, device)
         classes = cfg.model.get("num_classes")
         if classes != num_classes:
             raise ValueError(
@@ -116,8 +115,6 @@ class Teacher:
             p.requires_grad_(False)
         self.model: nn.Module = model.eval()
         self.output = output
-        self.path = str(checkpoint)
-        self.info: dict[str, Any] = info
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
