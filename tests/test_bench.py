@@ -60,14 +60,25 @@ def test_coop_rows_have_equal_budgets_and_their_own_model_keys() -> None:
     mutual = configs["mutual"].train  # mutual learning: the same budget plus its KL term
     assert (mutual.mutual_weight, mutual.mutual_temperature) == (1.0, 1.0)
     assert dataclasses.replace(mutual, mutual_weight=0.0) == base.train
+    # Distillation: the same budget plus its teacher, the same seed's cross pair's best
+    # top-network checkpoint; the student is the top member alone (the single network).
+    distilled = configs["distilled"]
+    assert distilled.train.teacher == str(
+        Path("runs/bench-coop/runs/cross-seed1/checkpoints/best-top.safetensors")
+    )
+    assert distilled.train.teacher_output == "top"
+    unset = {"teacher": None, "teacher_output": None}
+    assert dataclasses.replace(distilled.train, **unset) == base.train
+    assert distilled.model["members"] == base.model["members"][:1]
+    assert distilled.model["preset"] == "single"
     for row, cfg in configs.items():
-        if row != "mutual":
+        if row not in ("mutual", "distilled"):
             assert cfg.train == base.train, row  # equal budgets
         assert cfg.data == base.data, row
         assert cfg.seed == 1 and cfg.name == f"{row}-seed1"
         members = cfg.model["members"]
-        assert len(members) == 2 and cfg.model["link_init"] == "zero"
-        assert [m["init_seed"] for m in members] == [1000, 1001]
+        assert len(members) == len(coop.ROWS[row].backbones) and cfg.model["link_init"] == "zero"
+        assert [m["init_seed"] for m in members] == [1000, 1001][: len(members)]
         for m in members:  # the papers' separable DeepLabv3+, ASPP on an 8x8 map
             assert m["pretrained"] is True and m["separable"] is True
             assert m["output_stride"] == 16 and m["aspp_rates"] == [1, 2, 3]
@@ -407,7 +418,11 @@ def test_cli_passes_the_bench_options(monkeypatch) -> None:
     assert kw["settings"]["frozen_stages"] == 1 and kw["settings"]["lr"] is None
     assert kw["member"] == {"aspp_channels": 32} and kw["overrides"] == ["train.lr=0.002"]
     assert kw["jobs"] == 1 and kw["threads"] == 1 and kw["plateau"] == 15.0
-    assert tuple(coop.ROWS) == commands.COOP_ROWS and tuple(dfdam.ROWS) == commands.DFDAM_ROWS
+    untaught = tuple(r for r, spec in coop.ROWS.items() if spec.teacher is None)
+    assert untaught == commands.COOP_ROWS and tuple(dfdam.ROWS) == commands.DFDAM_ROWS
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="bench register --papers ours"):
+        coop.run_coop_bench(rows=["distilled"])
     assert tuple(jointseg.ROWS) == commands.JOINTSEG_ROWS
     with pytest.raises(SystemExit):
         cli.main(["bench", "coop", "--rows", "nonsense"])

@@ -159,6 +159,53 @@ def test_register_stores_each_run_and_a_new_machine_continues(tmp_path: Path, mo
     assert trained == [] and only == again
 
 
+def test_a_student_trains_after_its_teacher_and_a_new_machine_retrains_the_teacher(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A distilled row reads its teacher's checkpoint: the teacher keeps its checkpoints
+    (no other run does), trains before the student, and is trained again where only its
+    stored result reached this machine, leaving that stored result as it was."""
+    calls: list[tuple[str, bool]] = []
+
+    def config(row: str, seed: int, mode: str, out: Path) -> Config:
+        return config_from_dict({"name": f"{row}-seed{seed}", "seed": seed, "out_dir": str(out)})
+
+    def teacher_file(row: str, seed: int, out: Path) -> Path:
+        return Path(out) / f"t-seed{seed}" / "checkpoints" / "best.safetensors"
+
+    def work(cfg: Config, keep: bool = False) -> dict[str, Any]:
+        calls.append((cfg.name, keep))
+        if cfg.name.startswith("s"):  # the student needs its teacher's file
+            assert teacher_file("s", cfg.seed, cfg.out_dir).is_file()
+        if keep:
+            (cfg.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (cfg.run_dir / "checkpoints" / "best.safetensors").write_text("w")
+        value = {"s": 32.0, "t": 33.0, "b": 30.0}[cfg.name[0]] + cfg.seed
+        return {"scores": {"top": {"best": value, "final": value}}}
+
+    bench = Bench(config, work, {}, {"s": "t"}, teacher_file)
+    monkeypatch.setattr(claims, "benches", lambda: {"b": bench})
+    cl = [Claim("p", "distilled", Side("b", "s", "top"), Side("b", "b", "top"), 1.0, "ours")]
+    store = tmp_path / "store"
+    claims.run_register(cl, [0], out_dir=tmp_path / "a", store=store, jobs=1)
+    assert calls == [("b-seed0", False), ("t-seed0", True), ("s-seed0", False)]
+    assert (store / "b" / "t-seed0.json").is_file()
+
+    # A new machine with the teacher's stored result but no checkpoint: trained again,
+    # checkpoints kept, its stored result untouched.
+    calls.clear()
+    (store / "b" / "s-seed0.json").unlink()
+    before = (store / "b" / "t-seed0.json").read_text()
+    got = claims.run_register(cl, [0], out_dir=tmp_path / "new", store=store, jobs=1)
+    assert calls == [("t-seed0", True), ("s-seed0", False)]
+    assert (store / "b" / "t-seed0.json").read_text() == before
+    assert got["b"]["s"][0]["scores"]["top"]["best"] == 32.0
+    # Everything stored: nothing trains, the student's result is collected.
+    calls.clear()
+    only = claims.run_register(cl, [0], out_dir=tmp_path / "x", store=store, train=False)
+    assert calls == [] and only["b"]["s"][0] == got["b"]["s"][0]
+
+
 def test_a_result_stored_before_a_new_config_key_still_counts() -> None:
     cfg = config_from_dict({"name": "r", "train": {"lr": 0.01}})
     stored = json.loads(json.dumps(cfg.to_dict()))

@@ -86,6 +86,9 @@ class Row:
     model_keys: dict[str, Any] = field(default_factory=dict)
     cost: float = 2.0  # estimated step cost in single-member steps (orders parallel work)
     train_keys: dict[str, Any] = field(default_factory=dict)  # e.g. mutual learning's weight
+    # Distillation: (teacher row, teacher output) -- this row's network learns towards that
+    # output of the same seed's teacher run, read from its best checkpoint of that output.
+    teacher: tuple[str, str] | None = None
 
 
 TWO = (LITE0, LITE2)  # the cross paper's two different backbones, in miniature
@@ -138,6 +141,17 @@ ROWS: dict[str, Row] = {  # cost: measured step time / a lite0 single's
         "mutual learning, lite0 + lite2 (ours)",
         cost=2.2,
         train_keys={"mutual_weight": 1.0, "mutual_temperature": 1.0},
+    ),
+    # lite0 alone, distilled from the same seed's cross pair's lite0 network (its best
+    # checkpoint): how much of the cooperative gain one network keeps.
+    "distilled": Row(
+        "single",
+        (LITE0,),
+        ("top",),
+        "lite0 distilled from the cross pair's top network (ours)",
+        cost=1.6,
+        train_keys={"teacher_weight": 1.0, "teacher_temperature": 1.0},
+        teacher=("cross", "top"),
     ),
 }
 # An ensemble's members train exactly as single networks do (no links, a loss each, the
@@ -202,6 +216,16 @@ def member_init_seed(seed: int, index: int) -> int:
     return 1000 * seed + index
 
 
+def teacher_checkpoint(row: str, seed: int, out_dir: str | Path) -> Path | None:
+    """Where the teacher of ``row``'s run of ``seed`` keeps the checkpoint it teaches
+    from: the teacher run's best checkpoint of the taught output (None: no teacher)."""
+    teacher = ROWS[row].teacher
+    if teacher is None:
+        return None
+    run, output = teacher
+    return Path(out_dir) / f"{run}-seed{seed}" / "checkpoints" / f"best-{output}.safetensors"
+
+
 def bench_config(
     row: str,
     seed: int,
@@ -245,6 +269,11 @@ def bench_config(
         **fine_tune_sections(s),
     }
     raw["train"] |= r.train_keys
+    if r.teacher is not None:
+        raw["train"] |= {
+            "teacher": str(teacher_checkpoint(row, seed, out_dir)),
+            "teacher_output": r.teacher[1],
+        }
     return config_from_dict(raw, list(overrides))
 
 
@@ -430,6 +459,12 @@ def run_coop_bench(
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise ValueError(f"unknown bench row {unknown[0]!r}; one of {list(ROWS)}")
+    taught = [r for r in rows if ROWS[r].teacher]
+    if taught:
+        raise ValueError(
+            f"bench row {taught[0]!r} learns from a trained teacher run: it is trained by "
+            "`coopseg bench register --papers ours`, which trains the teacher first"
+        )
     out_dir = Path(out_dir)
     s = mode_settings(mode, settings)
     runs: dict[str, list[dict[str, Any]]] = {row: [] for row in rows}

@@ -15,7 +15,7 @@ import json
 import multiprocessing
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -194,6 +194,12 @@ def _init_worker(threads: int | None) -> None:
 Work = Callable[[Config, bool], dict[str, Any]]
 
 
+def _keeps(keep_checkpoints: bool | Collection[str], cfg: Config) -> bool:
+    if isinstance(keep_checkpoints, bool):
+        return keep_checkpoints
+    return cfg.name in keep_checkpoints
+
+
 def _work(work: Work, raw: dict[str, Any], keep_checkpoints: bool) -> dict[str, Any]:
     return work(config_from_dict(raw), keep_checkpoints)
 
@@ -203,7 +209,7 @@ def run_configs(
     *,
     jobs: int = 1,
     threads: int | None = None,
-    keep_checkpoints: bool = False,
+    keep_checkpoints: bool | Collection[str] = False,
     rerun: bool = False,
     on_result: Callable[[Config, dict[str, Any], bool], None] | None = None,
     work: Work | None = None,
@@ -216,6 +222,7 @@ def run_configs(
     function (it is sent to the workers by name). It should save its result with
     :func:`save_result` so that the run is cached.
 
+    ``keep_checkpoints``: for every run, or for the runs of these names (a teacher's).
     ``jobs > 1``: that many worker processes (spawned), in the order given, each with
     ``threads`` torch threads. ``on_result(cfg, result, reused)`` is called as runs end.
     ``store``: a folder of committed results, read as a cache and written as runs end.
@@ -243,13 +250,16 @@ def run_configs(
         if threads:
             torch.set_num_threads(threads)
         for cfg in todo:
-            done(cfg, work(cfg, keep_checkpoints))
+            done(cfg, work(cfg, _keeps(keep_checkpoints, cfg)))
         return results
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
         max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)
     ) as pool:
-        futures = {pool.submit(_work, work, cfg.to_dict(), keep_checkpoints): cfg for cfg in todo}
+        futures = {
+            pool.submit(_work, work, cfg.to_dict(), _keeps(keep_checkpoints, cfg)): cfg
+            for cfg in todo
+        }
         for future in as_completed(futures):
             done(futures[future], future.result())
     return results
