@@ -250,3 +250,44 @@ def test_an_ensemble_member_trains_exactly_as_the_single_network(tiny_scenes, tm
     assert single.keys() == ensemble.keys()
     for key, value in single.items():
         torch.testing.assert_close(ensemble[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_the_one_network_table_counts_inference_and_training_cost() -> None:
+    """Issue 20's table: a mutual-learning or distilled member deploys as one network (the
+    GMACs of the single network), a cross network needs the pair; a distilled network's
+    training cost includes its teacher's forward passes and the teacher's own training."""
+    from coopseg.bench import coop
+
+    def run(gmacs: float, **scores: float) -> dict[str, Any]:
+        return {"gmacs": gmacs, "scores": {k: {"best": v} for k, v in scores.items()}}
+
+    runs = {
+        "ensemble": {
+            0: run(0.6, top=24.0, bottom=23.0, fused=26.0),
+            1: run(0.6, top=26.0, bottom=25.0, fused=28.0),
+        },
+        "mutual": {0: run(0.6, top=27.0, bottom=26.0), 1: run(0.6, top=29.0, bottom=28.0)},
+        "cross": {0: run(0.64, top=33.0, bottom=32.0), 1: run(0.64, top=35.0, bottom=34.0)},
+        "distilled": {0: run(0.24, top=30.0)},  # one seed so far: the table uses seed 0
+    }
+    table = coop.one_network_table(runs).splitlines()
+    assert "1 seeds" in table[0]
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table[2:]}
+    single = float(rows["single lite0"][1])
+    assert rows["single lite0"][0] == rows["lite0 distilled from the cross pair"][0] == "1"
+    assert rows["mutual-learning member lite2"][0] == "1"
+    assert (
+        rows["cross pair, its lite0 network"][0] == rows["ensemble lite0 + lite2 (fused)"][0] == "2"
+    )
+    assert float(rows["lite0 distilled from the cross pair"][1]) == single
+    assert float(rows["mutual-learning member lite0"][1]) == single
+    assert float(rows["cross pair, its lite0 network"][1]) > 2 * single
+    per_run = 400 * 8 / 1000  # register mode: iterations x batch, in thousands
+    tm = {k: float(v[3].rstrip(" |")) for k, v in rows.items()}
+    assert tm["single lite0"] == pytest.approx(3 * single * per_run, abs=0.06)
+    assert tm["ensemble lite0 + lite2 (fused)"] == pytest.approx(3 * 0.6 * per_run, abs=0.06)
+    distilled = 3 * 0.24 * per_run + 0.64 * per_run + 3 * 0.64 * per_run
+    assert tm["lite0 distilled from the cross pair"] == pytest.approx(distilled, abs=0.06)
+    assert rows["lite0 distilled from the cross pair"][2] == "30.0 ± 0.0"
+    del runs["distilled"]
+    assert coop.one_network_table(runs) is None  # a row without a seed: no table yet

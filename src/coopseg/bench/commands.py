@@ -138,8 +138,16 @@ def cmd_bench_register(args: argparse.Namespace) -> int:
     )
     entries = evaluate(claims, results)
     meta = {"mode": args.mode, "seeds": list(args.seeds), "machine": machine()}
-    text = write(entries, Path(args.claims) if args.claims else default_claims, meta)
+    claims_path = Path(args.claims) if args.claims else default_claims
+    text = write(entries, claims_path, meta)
     print(text)
+    if "coop" in results:  # the cooperative gain at one network's inference cost
+        from .coop import one_network_table
+
+        table = one_network_table(results["coop"], args.mode)
+        if table:
+            (claims_path.parent / "one-network.md").write_text(table)
+            print(table)
     return 0
 
 

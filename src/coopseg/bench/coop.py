@@ -50,13 +50,16 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config, config_from_dict, parse_overrides
 from . import runner
 from .claims import CLAIMS
 from .recipe import fine_tune_sections, overlay_settings
 from .stats import cost_columns, differences_markdown, mean_std, paired_by_seed
+
+if TYPE_CHECKING:
+    from torch import nn
 
 LITE0, LITE2 = "tf_efficientnet_lite0", "tf_efficientnet_lite2"
 
@@ -533,3 +536,73 @@ def run_coop_bench(
 def parse_member_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     """``["aspp_channels=32"]`` -> ``{"aspp_channels": 32}`` (YAML values)."""
     return dict(parse_overrides(list(pairs)))
+
+
+# The cooperative gain at one network's inference cost (issue 20): (label, row, output,
+# trained alone). An ensemble member *is* the single network (trained alone, so its
+# training cost is its own); every other row's cost is its whole run's.
+ONE_NETWORK_ROWS: tuple[tuple[str, str, str, bool], ...] = (
+    ("single lite0", "ensemble", "top", True),
+    ("single lite2", "ensemble", "bottom", True),
+    ("mutual-learning member lite0", "mutual", "top", False),
+    ("mutual-learning member lite2", "mutual", "bottom", False),
+    ("lite0 distilled from the cross pair", "distilled", "top", False),
+    ("ensemble lite0 + lite2 (fused)", "ensemble", "fused", False),
+    ("cross pair, its lite0 network", "cross", "top", False),
+    ("cross pair, its lite2 network", "cross", "bottom", False),
+)
+
+
+def inference_network(row: str, output: str, mode: str = "register") -> nn.Module:
+    """What predicting ``output`` of ``row`` runs: one member where it receives no link,
+    otherwise the whole pair (random weights: for counting only)."""
+    from ..models import create_model
+    from ..models.cooperative import standalone
+
+    model = bench_config(row, 0, mode, member={"pretrained": False}).model
+    kwargs = {k: v for k, v in model.items() if k != "arch"}
+    return standalone(create_model("cooperative", **kwargs), output)
+
+
+def one_network_table(
+    runs: Mapping[str, Mapping[int, Mapping[str, Any]]], mode: str = "register"
+) -> str | None:
+    """Markdown: each way to deploy, its networks and GMACs at inference, its mIoU
+    (best validation pass, mean ± std over the seeds every row has), and its training
+    cost in TMACs per run (3 x the trained model's forward MACs per image -- forward and
+    backward -- plus a teacher's forward; a distilled network's cost includes training
+    its teacher). None until every row has a seed."""
+    from ..engine.profile import count_macs
+    from ..models.cooperative import CooperativeNet
+
+    rows = {row for _, row, _, _ in ONE_NETWORK_ROWS}
+    seeds = sorted(set.intersection(*(set(runs.get(r, {})) for r in rows)))
+    if not seeds:
+        return None
+    s = mode_settings(mode)
+    size, per_run = s["scene_size"], s["iterations"] * s["batch_size"]
+
+    def train_tmacs(row: str, gmacs: float | None = None) -> float:
+        gmacs = gmacs or runs[row][seeds[0]]["gmacs"]  # the trained model's forward
+        cost = 3 * gmacs * per_run / 1000
+        teacher = ROWS[row].teacher
+        if teacher is not None:
+            cost += runs[teacher[0]][seeds[0]]["gmacs"] * per_run / 1000 + train_tmacs(teacher[0])
+        return cost
+
+    lines = [
+        f"| deployed | networks at inference | GMACs ({size} px) | val mIoU % "
+        f"(best pass, {len(seeds)} seeds) | training TMACs |",
+        "|---|---|---|---|---|",
+    ]
+    for label, row, output, alone in ONE_NETWORK_ROWS:
+        net = inference_network(row, output, mode)
+        networks = len(net.members) if isinstance(net, CooperativeNet) else 1
+        gmacs = count_macs(net, (size, size)) / 1e9
+        scores = [runs[row][seed]["scores"][output]["best"] for seed in seeds]
+        ms = mean_std(scores)
+        lines.append(
+            f"| {label} | {networks} | {gmacs:.2f} | {ms['mean']:.1f} ± {ms['std']:.1f} "
+            f"| {train_tmacs(row, gmacs if alone else None):.1f} |"
+        )
+    return "\n".join(lines) + "\n"
