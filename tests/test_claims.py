@@ -92,6 +92,18 @@ def test_verdicts_follow_the_stated_rule_with_holm_within_a_paper() -> None:
     assert two[0]["p_above_holm"] == pytest.approx(2 * p_alone)
     other = claims.evaluate([_claim("p", 5.0), _claim("q", 5.0)], {"b": _results(d)})
     assert other[0]["verdict"] == "reproduced"  # Holm counts within a paper only
+    # Two segmenters still on the background plateau (< 15 %) in some seed test nothing:
+    # far below the paper's 5 points would read "refuted", it reads inconclusive.
+    flat = _results([0.1, -0.2, 0.0, 0.2, -0.1, 0.0])
+    for runs in flat.values():
+        runs[2]["scores"]["top"]["best"] -= 20.0  # 10 % and 10.0 + 0.0
+    (entry,) = claims.evaluate([_claim("p", 5.0)], {"b": flat})
+    assert entry["plateau_seeds"] == [2] and entry["verdict"] == "inconclusive"
+    assert "background plateau" in claims.markdown([entry], {})
+    one_side = _results([0.1, -0.2, 0.0, 0.2, -0.1, 0.0])
+    one_side["y"][2]["scores"]["top"]["best"] = 10.0  # only b on it: a real difference
+    (entry,) = claims.evaluate([_claim("p", 50.0)], {"b": one_side})
+    assert entry["plateau_seeds"] == [] and entry["verdict"] == "refuted"
 
 
 def test_every_claim_names_its_table_and_rows_the_benches_have() -> None:

@@ -12,7 +12,9 @@ the mean paired per-seed difference with a 95 % t interval, and one rule gives t
 * **refuted**: the interval lies below the paper's effect (non-inferiority: below
   ``−margin``), Holm-corrected likewise -- the miniature shows an effect smaller than the
   paper's, at this budget;
-* **inconclusive**: neither.
+* **inconclusive**: neither -- and always when, in some seed, both sides are segmenters
+  still on the background plateau (< ``PLATEAU`` % mIoU): two networks that have not yet
+  learned to segment cannot test a claim about segmenting, whatever their difference.
 
 One-sided tests at 2.5 % each side are the two ends of the two-sided 95 % interval.
 Each network is scored at its best validation pass (the papers' rule, "the validation
@@ -40,6 +42,9 @@ VERDICTS = ("reproduced", "refuted", "inconclusive")
 PAPERS = ("cross", "feature-sharing", "dfdam", "jointseg", "ours")
 HALF_WIDTH = 0.7  # target ± of a headline contrast's 95 % interval (about 80 % power for 1 point)
 ALPHA_ONE_SIDED = 0.025
+# % val mIoU under which a segmenter still predicts (almost) only background: a contrast
+# between two such segmenters measures nothing (the benches' plateau line).
+PLATEAU = 15.0
 STORE = Path("benchmarks/results/runs")
 CLAIMS_FILE = Path("benchmarks/results/claims.json")
 
@@ -471,6 +476,11 @@ def evaluate(
             w: [a - b for a, b in p if a is not None and b is not None] for w, p in pairs.items()
         }
         d = diffs["best"]
+        plateau = [
+            s
+            for s, (a, b) in zip(seeds, pairs["best"], strict=True)
+            if _on_plateau(claim.a, a) and _on_plateau(claim.b, b)
+        ]
         low = -claim.margin if claim.margin else 0.0  # the "reproduced" bound
         high = -claim.margin if claim.margin else claim.paper_effect  # the "refuted" bound
         sd = statistics.stdev(d) if len(d) > 1 else math.nan
@@ -495,6 +505,7 @@ def evaluate(
                 "p_above": one_sided_p(d, low, "greater"),
                 "p_below": one_sided_p(d, high, "less"),
                 "seeds_for_target": seeds_needed(sd, half_width) if sd == sd else None,
+                "plateau_seeds": plateau,
             }
         )
     for paper in dict.fromkeys(e["paper"] for e in entries):
@@ -504,7 +515,14 @@ def evaluate(
                 e[f"{key}_holm"] = adj
     for e in entries:
         e["verdict"] = verdict(e["p_above_holm"], e["p_below_holm"])
+        if e["plateau_seeds"]:
+            e["verdict"] = "inconclusive"
     return entries
+
+
+def _on_plateau(side: Side, value: float | None) -> bool:
+    """A segmentation output (not a classifier's ``cls_*``) below the plateau line."""
+    return value is not None and not side.output.startswith("cls_") and value < PLATEAU
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -554,9 +572,16 @@ def markdown(entries: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> s
     for e in entries:
         if e["per_seed"]:
             per = ", ".join(signed(x) for x in e["per_seed"])
+            flat = e.get("plateau_seeds")
+            why = (
+                f" Both sides on the background plateau (< {PLATEAU:g} % mIoU) in seed(s) "
+                f"{', '.join(map(str, flat))}: inconclusive, this budget cannot test the claim."
+                if flat
+                else ""
+            )
             lines.append(
                 f"- {e['contrast']}: per seed {per}; a {e['a_mean']:.1f} %, b {e['b_mean']:.1f} %"
-                f" on average; at the final pass {_num(e['estimate_final'])}."
+                f" on average; at the final pass {_num(e['estimate_final'])}.{why}"
             )
     return "\n".join(lines) + "\n"
 
