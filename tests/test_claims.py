@@ -126,6 +126,8 @@ def test_every_claim_names_its_table_and_rows_the_benches_have() -> None:
     assert needed == {"coop": ["cross", "ensemble", "cross-no-extra", "oneway"]}
     with pytest.raises(ValueError, match="unknown paper 'nope'"):
         claims.select(["nope"])
+    first = claims.rows_needed(claims.select(["cross", "ours"], headline=True))
+    assert first == {"coop": ["cross", "ensemble", "mutual", "distilled"]}
 
 
 def test_register_stores_each_run_and_a_new_machine_continues(tmp_path: Path, monkeypatch) -> None:
@@ -303,3 +305,31 @@ def test_the_one_network_table_counts_inference_and_training_cost() -> None:
     assert rows["lite0 distilled from the cross pair"][2] == "30.0 ± 0.0"
     del runs["distilled"]
     assert coop.one_network_table(runs) is None  # a row without a seed: no table yet
+
+
+def _marking_work(cfg: Config, keep: bool = False) -> dict[str, Any]:
+    """A worker's fake run (module level: spawned workers import it): a student checks
+    that its teacher has finished, then each run leaves its mark."""
+    if cfg.name.startswith("student"):
+        assert (Path(cfg.out_dir) / "teacher.done").is_file(), "student started too early"
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out_dir) / f"{cfg.name.split('-')[0]}.done").write_text(str(keep))
+    return {"scores": {"top": {"best": 1.0, "final": 1.0}}}
+
+
+def test_a_dependent_run_starts_in_the_pool_once_its_teacher_is_done(tmp_path: Path) -> None:
+    def cfg(name: str) -> Config:
+        return config_from_dict({"name": name, "out_dir": str(tmp_path)})
+
+    teacher, other, student = cfg("teacher-s0"), cfg("other-s0"), cfg("student-s0")
+    got = runner.run_configs(
+        [teacher, other],
+        jobs=2,
+        threads=1,
+        keep_checkpoints={"teacher-s0"},
+        work=_marking_work,
+        then={"teacher-s0": [student]},
+    )
+    assert sorted(got) == ["other-s0", "student-s0", "teacher-s0"]
+    assert (tmp_path / "teacher.done").read_text() == "True"  # only the teacher keeps its
+    assert (tmp_path / "other.done").read_text() == "False"

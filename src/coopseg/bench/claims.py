@@ -296,7 +296,7 @@ class Bench:
     # Distilled rows: student row -> teacher row (trained first, checkpoints kept), and
     # (row, seed, out_dir) -> the teacher checkpoint the student's config reads.
     teachers: Mapping[str, str] = field(default_factory=dict)
-    teacher_file: Callable[[str, int, Path], Path | None] | None = None
+    teacher_file: Callable[[str, int, Path], Path] | None = None
 
 
 def benches() -> dict[str, Bench]:
@@ -325,12 +325,13 @@ def benches() -> dict[str, Bench]:
     }
 
 
-def select(papers: Sequence[str] | None = None) -> list[Claim]:
-    """The claims of ``papers`` (all by default); an unknown paper is an error naming it."""
+def select(papers: Sequence[str] | None = None, headline: bool = False) -> list[Claim]:
+    """The claims of ``papers`` (all by default; ``headline``: their headline claims only,
+    the first a short budget should buy seeds for); an unknown paper is an error naming it."""
     unknown = sorted(set(papers or ()) - set(PAPERS))
     if unknown:
         raise ValueError(f"unknown paper {unknown[0]!r}; one of {list(PAPERS)}")
-    return [c for c in CLAIMS if not papers or c.paper in papers]
+    return [c for c in CLAIMS if (not papers or c.paper in papers) and (c.headline or not headline)]
 
 
 def rows_needed(claims: Sequence[Claim]) -> dict[str, list[str]]:
@@ -379,6 +380,24 @@ def run_register(
             if train:
                 if jobs > 1:
                     runner.prepare_fashionscenes(next(iter(configs.values())))
+                # A student follows its teacher in the pool, unless the teacher's result
+                # is stored without its checkpoint here: then it is trained again first.
+                then: dict[str, list[Config]] = {}
+                later = []
+                for row in students:
+                    teacher, path = (
+                        configs[spec.teachers[row]],
+                        spec.teacher_file(row, seed, out_dir / bench),
+                    )
+                    lost = (
+                        runner.cached_result(teacher, sub_store) is not None and not path.is_file()
+                    )
+                    if lost:
+                        later.append(row)
+                    else:
+                        then.setdefault(teacher.name, []).append(
+                            spec.config(row, seed, mode, out_dir / bench)
+                        )
                 got = runner.run_configs(
                     list(configs.values()),
                     jobs=jobs,
@@ -387,10 +406,11 @@ def run_register(
                     on_result=on_result,
                     work=spec.work,
                     store=sub_store,
+                    then=then,
                 )
                 got |= _train_students(
                     spec,
-                    students,
+                    later,
                     seed,
                     mode,
                     out_dir / bench,

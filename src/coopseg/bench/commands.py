@@ -113,7 +113,7 @@ def cmd_bench_register(args: argparse.Namespace) -> int:
     from .claims import STORE, evaluate, run_register, select, write
     from .report import machine
 
-    claims = select(args.papers)
+    claims = select(args.papers, args.headline)
     out = Path(args.out)
     store = Path(args.store) if args.store else (STORE if args.mode == "register" else out)
     default_claims = (
@@ -342,6 +342,11 @@ def add_bench_parsers(sub: Any) -> None:
     )
     br.add_argument("--jobs", type=int, default=2, help="runs trained at once (default 2)")
     br.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    br.add_argument(
+        "--headline",
+        action="store_true",
+        help="the headline claims only (bold in the table): their rows first, all seeds",
+    )
     br.set_defaults(func=cmd_bench_register)
 
     ba = bench_sub.add_parser(

@@ -16,7 +16,7 @@ import multiprocessing
 import shutil
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +214,7 @@ def run_configs(
     on_result: Callable[[Config, dict[str, Any], bool], None] | None = None,
     work: Work | None = None,
     store: Path | None = None,
+    then: Mapping[str, Sequence[Config]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Results by run name, training what is not cached (``rerun``: everything).
 
@@ -223,13 +224,15 @@ def run_configs(
     :func:`save_result` so that the run is cached.
 
     ``keep_checkpoints``: for every run, or for the runs of these names (a teacher's).
+    ``then``: runs that need a run's output (a distilled student its teacher's
+    checkpoint): started once the named run has finished or was found cached.
     ``jobs > 1``: that many worker processes (spawned), in the order given, each with
     ``threads`` torch threads. ``on_result(cfg, result, reused)`` is called as runs end.
     ``store``: a folder of committed results, read as a cache and written as runs end.
     """
     work = work or run_one  # looked up at call time (tests replace ``run_one``)
+    then = then or {}
     results: dict[str, dict[str, Any]] = {}
-    todo: list[Config] = []
 
     def done(cfg: Config, result: dict[str, Any]) -> None:
         results[cfg.name] = result
@@ -238,30 +241,49 @@ def run_configs(
         if on_result:
             on_result(cfg, result, False)
 
-    for cfg in configs:
-        cached = None if rerun else cached_result(cfg, store)
-        if cached is None:
-            todo.append(cfg)
-            continue
-        results[cfg.name] = cached
-        if on_result:
-            on_result(cfg, cached, True)
-    if jobs <= 1 or len(todo) <= 1:
+    def to_train(batch: Sequence[Config]) -> list[Config]:
+        """The runs of ``batch`` to train; cached ones are collected, their dependents
+        looked at in turn."""
+        out: list[Config] = []
+        for cfg in batch:
+            cached = None if rerun else cached_result(cfg, store)
+            if cached is None:
+                out.append(cfg)
+                continue
+            results[cfg.name] = cached
+            if on_result:
+                on_result(cfg, cached, True)
+            out += to_train(then.get(cfg.name, ()))
+        return out
+
+    todo = to_train(configs)
+    if jobs <= 1 or (len(todo) <= 1 and not any(c.name in then for c in todo)):
         if threads:
             torch.set_num_threads(threads)
-        for cfg in todo:
+        while todo:
+            cfg = todo.pop(0)
             done(cfg, work(cfg, _keeps(keep_checkpoints, cfg)))
+            todo += to_train(then.get(cfg.name, ()))
         return results
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
         max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)
     ) as pool:
-        futures = {
-            pool.submit(_work, work, cfg.to_dict(), _keeps(keep_checkpoints, cfg)): cfg
-            for cfg in todo
-        }
-        for future in as_completed(futures):
-            done(futures[future], future.result())
+
+        def submit(cfg: Config) -> None:
+            keep = _keeps(keep_checkpoints, cfg)
+            futures[pool.submit(_work, work, cfg.to_dict(), keep)] = cfg
+
+        futures: dict[Any, Config] = {}
+        for cfg in todo:
+            submit(cfg)
+        while futures:
+            finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+            for future in finished:
+                cfg = futures.pop(future)
+                done(cfg, future.result())
+                for dependent in to_train(then.get(cfg.name, ())):
+                    submit(dependent)
     return results
 
 
