@@ -92,6 +92,12 @@ def test_verdicts_follow_the_stated_rule_with_holm_within_a_paper() -> None:
     assert two[0]["p_above_holm"] == pytest.approx(2 * p_alone)
     other = claims.evaluate([_claim("p", 5.0), _claim("q", 5.0)], {"b": _results(d)})
     assert other[0]["verdict"] == "reproduced"  # Holm counts within a paper only
+    # Above 0 and below the paper's effect at once: reproduced, flagged as smaller.
+    (smaller,) = claims.evaluate([_claim("p", 5.0)], {"b": _results(clear)})
+    assert smaller["verdict"] == "reproduced" and smaller["below_paper_effect"] is True
+    assert "a smaller effect here" in claims.markdown([smaller], {})
+    (entry,) = claims.evaluate([_claim("p", 1.0)], {"b": _results(clear)})
+    assert entry["below_paper_effect"] is False
     # Two segmenters still on the background plateau (< 15 %) in some seed test nothing:
     # far below the paper's 5 points would read "refuted", it reads inconclusive.
     flat = _results([0.1, -0.2, 0.0, 0.2, -0.1, 0.0])

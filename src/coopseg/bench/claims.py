@@ -535,8 +535,15 @@ def evaluate(
                 e[f"{key}_holm"] = adj
     for e in entries:
         e["verdict"] = verdict(e["p_above_holm"], e["p_below_holm"])
+        # Reproduced in direction yet below the paper's size: both ends of the rule hold.
+        e["below_paper_effect"] = (
+            e["verdict"] == "reproduced"
+            and not e["margin"]
+            and (e["p_below_holm"] < ALPHA_ONE_SIDED)
+        )
         if e["plateau_seeds"]:
             e["verdict"] = "inconclusive"
+            e["below_paper_effect"] = False
     return entries
 
 
@@ -583,7 +590,8 @@ def markdown(entries: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> s
         lo, hi = e["ci95"]
         lines.append(
             f"| {e['paper']} | {claim} | {e['contrast']} | {paper} | {_num(e['estimate'])} "
-            f"| [{_num(lo)}, {_num(hi)}] | {len(e['seeds'])} | {e['verdict']} "
+            f"| [{_num(lo)}, {_num(hi)}] | {len(e['seeds'])} | {e['verdict']}"
+            f"{' (smaller than the paper)' if e.get('below_paper_effect') else ''} "
             f"| {e['seeds_for_target'] or '—'} |"
         )
     lines += ["", "Sources of the paper's figures:", ""]
@@ -599,6 +607,11 @@ def markdown(entries: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> s
                 if flat
                 else ""
             )
+            if e.get("below_paper_effect"):
+                why += (
+                    f" Reproduced in direction, but the interval lies below the paper's "
+                    f"{e['paper_effect']:+.2f}: a smaller effect here."
+                )
             lines.append(
                 f"- {e['contrast']}: per seed {per}; a {e['a_mean']:.1f} %, b {e['b_mean']:.1f} %"
                 f" on average; at the final pass {_num(e['estimate_final'])}.{why}"
