@@ -51,10 +51,11 @@ def main() -> None:
         for row in args.rows
     ]
     runner.prepare_fashionscenes(configs[0])
-    got = runner.run_configs(configs, jobs=args.jobs, threads=1, work=jointseg.train_row)
+    runner.run_configs(configs, jobs=args.jobs, threads=1, work=jointseg.train_row)
     table = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     for cfg in configs:
-        result = got[cfg.name]
+        result = runner.cached_result(cfg)  # by folder: every variant's run has one name
+        assert result is not None, cfg.run_dir
         entry = {
             "row": jointseg.row_of(cfg),
             "variant": Path(cfg.out_dir).name,
