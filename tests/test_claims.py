@@ -134,6 +134,11 @@ def test_every_claim_names_its_table_and_rows_the_benches_have() -> None:
         claims.select(["nope"])
     first = claims.rows_needed(claims.select(["cross", "ours"], headline=True))
     assert first == {"coop": ["cross", "ensemble", "mutual", "distilled"]}
+    # More seeds for one claim train its two rows only.
+    (extra,) = claims.select(contrasts=["cross-no-extra"])
+    assert claims.rows_needed([extra]) == {"coop": ["cross", "cross-no-extra"]}
+    with pytest.raises(ValueError, match="no claim's contrast contains 'crosss'"):
+        claims.select(contrasts=["crosss"])
 
 
 def test_register_stores_each_run_and_a_new_machine_continues(tmp_path: Path, monkeypatch) -> None:

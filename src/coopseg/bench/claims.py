@@ -325,13 +325,30 @@ def benches() -> dict[str, Bench]:
     }
 
 
-def select(papers: Sequence[str] | None = None, headline: bool = False) -> list[Claim]:
+def select(
+    papers: Sequence[str] | None = None,
+    headline: bool = False,
+    contrasts: Sequence[str] | None = None,
+) -> list[Claim]:
     """The claims of ``papers`` (all by default; ``headline``: their headline claims only,
-    the first a short budget should buy seeds for); an unknown paper is an error naming it."""
+    the first a short budget should buy seeds for; ``contrasts``: those whose contrast
+    contains one of these texts, to buy seeds for one inconclusive claim); an unknown
+    paper, or a text no claim's contrast contains, is an error naming it."""
     unknown = sorted(set(papers or ()) - set(PAPERS))
     if unknown:
         raise ValueError(f"unknown paper {unknown[0]!r}; one of {list(PAPERS)}")
-    return [c for c in CLAIMS if (not papers or c.paper in papers) and (c.headline or not headline)]
+    for text in contrasts or ():
+        if not any(text in c.contrast for c in CLAIMS):
+            raise ValueError(
+                f"no claim's contrast contains {text!r}; contrasts: {[c.contrast for c in CLAIMS]}"
+            )
+    return [
+        c
+        for c in CLAIMS
+        if (not papers or c.paper in papers)
+        and (c.headline or not headline)
+        and (not contrasts or any(text in c.contrast for text in contrasts))
+    ]
 
 
 def rows_needed(claims: Sequence[Claim]) -> dict[str, list[str]]:
@@ -578,7 +595,8 @@ def markdown(entries: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> s
         "mean paired per-seed difference a − b in mIoU points (accuracy points for "
         "classifiers) with its 95 % t interval; verdicts by the rule in "
         "`coopseg.bench.claims` (Holm-corrected within each paper). **Bold**: headline "
-        f"contrasts (target: 95 % interval within ±{HALF_WIDTH}).",
+        f"contrasts (target: 95 % interval within ±{HALF_WIDTH}); the last column is the "
+        "seeds that target would take at the measured spread (—: over 200, or unknown).",
         "",
         "| paper | claim | contrast a − b | paper | ours | 95 % interval | seeds | verdict "
         "| seeds for ±0.7 |",

@@ -113,7 +113,7 @@ def cmd_bench_register(args: argparse.Namespace) -> int:
     from .claims import STORE, evaluate, run_register, select, write
     from .report import machine
 
-    claims = select(args.papers, args.headline)
+    claims = select(args.papers, args.headline, args.contrast)
     out = Path(args.out)
     store = Path(args.store) if args.store else (STORE if args.mode == "register" else out)
     default_claims = (
@@ -346,6 +346,13 @@ def add_bench_parsers(sub: Any) -> None:
         "--headline",
         action="store_true",
         help="the headline claims only (bold in the table): their rows first, all seeds",
+    )
+    br.add_argument(
+        "--contrast",
+        nargs="+",
+        metavar="TEXT",
+        help="only the claims whose contrast (the table's 'contrast a − b') contains one of "
+        "these texts, e.g. 'cross-no-extra': more seeds for one claim",
     )
     br.set_defaults(func=cmd_bench_register)
 
