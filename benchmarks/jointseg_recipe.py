@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["sgd:0.05", "sgd:0.1", "adamw:0.006"])
     parser.add_argument("--iterations", type=int, default=1000)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--out", default="runs/jointseg-recipe")
     args = parser.parse_args()
     configs = [
@@ -51,7 +52,7 @@ def main() -> None:
         for row in args.rows
     ]
     runner.prepare_fashionscenes(configs[0])
-    runner.run_configs(configs, jobs=args.jobs, threads=1, work=jointseg.train_row)
+    runner.run_configs(configs, jobs=args.jobs, threads=args.threads, work=jointseg.train_row)
     table = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     for cfg in configs:
         result = runner.cached_result(cfg)  # by folder: every variant's run has one name
