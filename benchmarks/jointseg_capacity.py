@@ -18,13 +18,14 @@ One seed: a diagnosis, not a comparison. Appends to
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
+from jointseg_recipe import record  # the sibling probe: one results file, one entry shape
+
 from coopseg.bench import jointseg, runner
 
-RESULTS = Path("benchmarks/results/jointseg-recipe.json")
+ITERATIONS = 1000
 WIDE_ENCODER = ["model.widths=[16, 32, 64, 128]"]
 # name: (row, U-Net head options replacing the register's, config overrides)
 VARIANTS: dict[str, tuple[str, dict[str, Any], list[str]]] = {
@@ -46,7 +47,7 @@ def run_variant(name: str, out: Path) -> dict[str, Any]:
         base = dict(register_options(arch, levels, deepest))
         return base | unet_options if arch == "unet" else base
 
-    settings = {"iterations": 1000, "val_interval": 200}
+    settings = {"iterations": ITERATIONS, "val_interval": ITERATIONS // 5}
     cfg = jointseg.bench_config(row, 0, "register", out / name, settings, overrides)
     runner.prepare_fashionscenes(cfg)
     jointseg.segmenter_options = options
@@ -62,20 +63,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", default="runs/jointseg-capacity")
     args = parser.parse_args()
-    table = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     for name in args.variants:
         result = run_variant(name, Path(args.out))
-        entry = {
-            "row": VARIANTS[name][0],
-            "variant": f"capacity:{name}",
-            "iterations": 1000,
-            "scores": result["scores"],
-            "train_s": result.get("train_s"),
-        }
-        table.append(entry)
-        seg = result["scores"]["seg"]
-        print(f"{name:>22}: seg best {seg['best']:.1f} (final {seg['final']:.1f})", flush=True)
-        RESULTS.write_text(json.dumps(table, indent=1) + "\n")
+        record(VARIANTS[name][0], f"capacity:{name}", ITERATIONS, result)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from coopseg.bench import jointseg, runner
 
@@ -37,6 +38,28 @@ def variant_config(row: str, variant: str, iterations: int, out: Path):
     return jointseg.bench_config(row, 0, "register", folder, settings, overrides)
 
 
+def record(row: str, variant: str, iterations: int, result: dict[str, Any]) -> None:
+    """Append one probe run to ``RESULTS`` (written at once, so a later crash keeps it)
+    and print its best and final val mIoU (and classifier top-1, where there is one)."""
+    table = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+    entry = {
+        "row": row,
+        "variant": variant,
+        "iterations": iterations,
+        "scores": result["scores"],
+        "train_s": result.get("train_s"),
+    }
+    RESULTS.write_text(json.dumps([*table, entry], indent=1) + "\n")
+    nan = {"best": float("nan"), "final": float("nan")}
+    seg = result["scores"].get("seg", nan)
+    cls = result["scores"].get("cls_top1", nan)
+    print(
+        f"{variant:>22} {row:>10}: seg best {seg['best']:.1f} "
+        f"(final {seg['final']:.1f}), cls_top1 {cls['best']:.1f}",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", default=["unet", "fcn8s", "jointseg"])
@@ -53,27 +76,10 @@ def main() -> None:
     ]
     runner.prepare_fashionscenes(configs[0])
     runner.run_configs(configs, jobs=args.jobs, threads=args.threads, work=jointseg.train_row)
-    table = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     for cfg in configs:
         result = runner.cached_result(cfg)  # by folder: every variant's run has one name
         assert result is not None, cfg.run_dir
-        entry = {
-            "row": jointseg.row_of(cfg),
-            "variant": Path(cfg.out_dir).name,
-            "iterations": args.iterations,
-            "scores": result["scores"],
-            "train_s": result.get("train_s"),
-        }
-        table.append(entry)
-        nan = {"best": float("nan"), "final": float("nan")}
-        seg = result["scores"].get("seg", nan)
-        cls = result["scores"].get("cls_top1", nan)
-        print(
-            f"{entry['variant']:>22} {entry['row']:>10}: seg best {seg['best']:.1f} "
-            f"(final {seg['final']:.1f}), cls_top1 {cls['best']:.1f}",
-            flush=True,
-        )
-    RESULTS.write_text(json.dumps(table, indent=1) + "\n")
+        record(jointseg.row_of(cfg), Path(cfg.out_dir).name, args.iterations, result)
 
 
 if __name__ == "__main__":
